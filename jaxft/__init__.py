@@ -1,0 +1,12 @@
+"""jaxft: fine-tune Hugging Face transformer checkpoints with JAX/Flax NNX, export them back to PyTorch.
+
+    model = jaxft.load_model("folder-or-hub-id", task="sequence-classification", num_labels=2)
+    logits = model(input_ids, attention_mask=mask)
+    jaxft.save_pretrained(model, "out_dir", tokenizer=tokenizer)
+"""
+
+from jaxft.hf.export import save_pretrained
+from jaxft.hf.load import load_model
+
+__all__ = ["load_model", "save_pretrained"]
+__version__ = "0.1.0"

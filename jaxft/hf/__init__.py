@@ -1,0 +1,1 @@
+"""Checkpoint IO with Hugging Face: read config + safetensors, write them back."""

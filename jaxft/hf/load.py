@@ -1,0 +1,100 @@
+"""`jaxft.load_model`: a Hugging Face folder (or Hub id) → an NNX module holding its weights.
+
+The module is first built abstractly (`nnx.eval_shape`: shapes only, no memory), then every parameter
+is filled from the checkpoint through the family's name table and placed on the devices already sharded
+by its logical axes. Parameters a checkpoint lacks but a task adds (a new classification head) are
+initialised as `transformers` does and reported; anything else missing or unexpected raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxft import parallel
+from jaxft.hf.files import WeightFile
+from jaxft.models import get_family
+
+log = logging.getLogger("jaxft")
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a Hub id, downloaded (config, tokenizer, safetensors) to the cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=[
+        "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]))
+
+
+def read_hf_config(folder: Path):
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
+    """`{'bert.layers.0.query.kernel': Param}` for every parameter of `module`."""
+    return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None,
+               dtype: str = "float32", param_dtype: str = "float32", mesh=None, seed: int = 0,
+               ) -> nnx.Module:
+    """Load a Hugging Face checkpoint into jaxft (see the package docstring for the contract)."""
+    folder = resolve(name_or_path)
+    hf = read_hf_config(folder)
+    family = get_family(hf.model_type, task)
+    if num_labels is None:
+        num_labels = hf.num_labels if getattr(hf, "id2label", None) else 2
+    cfg = family.config_from_hf(hf, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
+    module_cls = family.modules[task]
+    abstract = nnx.eval_shape(lambda: module_cls(cfg, nnx.Rngs(0)))
+    params = flat_params(abstract)
+
+    weights = WeightFile(folder)
+    names = weights.names
+    prefix = family.base_prefix
+    # A bare backbone (e.g. `BertModel`) stores its tensors without the task model's prefix.
+    bare = prefix and not any(n.startswith(prefix) for n in names)
+    renamed = {(prefix + n if bare else n): n for n in names}
+    table = family.name_table(cfg, task)
+    arrays, missing = table.import_(
+        renamed, lambda n: weights.read(renamed[n]), {p: v.shape for p, v in params.items()},
+        where=str(folder))
+
+    key = jax.random.key(seed)
+    for i, path in enumerate(missing):
+        rule, _ = table.rule_for_path(path)
+        arrays[path] = _init(rule.init, params[path], jax.random.fold_in(key, i), cfg)
+    if missing:
+        log.warning("initialised %d parameter(s) absent from %s (new head): %s", len(missing), folder,
+                    ", ".join(missing))
+
+    for path, var in params.items():
+        value = np.asarray(arrays[path]).astype(var.dtype, copy=False)
+        var.set_value(parallel.place(value, var.get_metadata().get("logical_axes"), mesh))
+    model = abstract
+    model.hf_config = hf.to_dict()
+    model.source_dir = str(folder)
+    return model
+
+
+def _init(kind: str, var, key, cfg) -> np.ndarray:
+    if kind == "zeros":
+        return np.zeros(var.shape, var.dtype)
+    if kind == "ones":
+        return np.ones(var.shape, var.dtype)
+    std = getattr(cfg, "initializer_range", 0.02)
+    return np.asarray(std * jax.random.normal(key, var.shape, np.float32)).astype(var.dtype)

@@ -1,0 +1,172 @@
+"""Building blocks shared by every model family.
+
+Every parameter is an `nnx.Param` that carries `logical_axes`: one name per dimension (`embed`, `mlp`,
+`heads`, `head_dim`, `vocab`, ...). Layers only name axes; `jaxft.parallel` maps names to mesh axes with
+one rules table, so the same module runs unsharded on a laptop and FSDP/tensor-sharded on a pod.
+
+Shapes are spelled in einsum strings: B batch, T query length, S key length, D model width,
+N heads, K kv heads, H head width, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs | None, init: str, shape: Sequence[int], axes: Sequence[str | None],
+          dtype, std: float = 0.02) -> nnx.Param:
+    """A parameter with logical axis names. `init` is `normal` (N(0, std²)), `zeros` or `ones`."""
+    shape = tuple(int(s) for s in shape)
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown initialiser {init!r}")
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """A linear map written as an einsum, e.g. `'BTD,DNH->BTNH'` for a query projection.
+
+    The kernel's shape and axes follow the einsum's second operand; the optional bias has the output's
+    trailing (non-batch) dimensions. Computation runs in `dtype`, parameters are stored in `param_dtype`.
+    """
+
+    def __init__(self, einsum: str, kernel_shape: Sequence[int], kernel_axes: Sequence[str], *,
+                 use_bias: bool = True, std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.einsum = einsum
+        self.dtype = dtype
+        self.kernel = param(rngs, "normal", kernel_shape, kernel_axes, param_dtype, std)
+        out = einsum.split("->")[1]
+        rhs = einsum.split("->")[0].split(",")[1]
+        out_dims = [c for c in out if c in rhs]  # output dims that come from the kernel
+        if use_bias:
+            shape = [kernel_shape[rhs.index(c)] for c in out_dims]
+            axes = [kernel_axes[rhs.index(c)] for c in out_dims]
+            self.bias = param(rngs, "zeros", shape, axes, param_dtype)
+        else:
+            self.bias = None
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.einsum(self.einsum, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """A lookup table `[V, D]` (`vocab`, `embed`)."""
+
+    def __init__(self, num: int, features: int, *, axes=("vocab", "embed"), std: float = 0.02,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, "normal", (num, features), axes, param_dtype, std)
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Logits against the table (tied output embeddings): `'BTD,VD->BTV'`."""
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(x.dtype))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, computed in float32 (as PyTorch does for float32 inputs)."""
+
+    def __init__(self, features: int, eps: float, *, use_bias: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, "ones", (features,), ("embed",), param_dtype)
+        self.bias = param(rngs, "zeros", (features,), ("embed",), param_dtype) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    # names as `transformers` spells them in config.json (`hidden_act`, `activation_function`)
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str, field: str = "hidden_act") -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported {field}={name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class Keys:
+    """Deterministic stream of dropout keys derived from one key, or `None`s when not training.
+
+    Each call returns a fresh key folded from the base key with a trace-time counter, so the same
+    model code draws the same masks for the same base key: dropout is seeded and reproducible.
+    """
+
+    def __init__(self, key: Array | None):
+        self.key, self.count = key, 0
+
+    def __call__(self) -> Array | None:
+        if self.key is None:
+            return None
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout; the identity when `key` is None (evaluation) or `rate` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
+              dropout_rate: float = 0.0, dropout_key: Array | None = None) -> Array:
+    """Scaled dot-product attention, `q: BTNH`, `k, v: BSKH` (K divides N for grouped queries).
+
+    `mask` is boolean, broadcastable to `[B, N, T, S]` (True = may attend). Without attention dropout
+    this is `jax.nn.dot_product_attention` (cuDNN flash attention on GPU); with it, the same math written
+    out, since dropout on the probabilities needs them materialised. Softmax runs in float32.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if dropout_key is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    n, kv = q.shape[2], k.shape[2]
+    if kv != n:
+        k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key).astype(v.dtype)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+def padding_mask(attention_mask: Array) -> Array:
+    """`[B, S]` 1/0 mask → boolean `[B, 1, 1, S]` for `attention`."""
+    return attention_mask.astype(bool)[:, None, None, :]
