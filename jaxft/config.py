@@ -1,0 +1,203 @@
+"""The typed run configuration: YAML + `key.sub=value` overrides → a validated `Config`.
+
+YAML files carry only what differs from these defaults. Every error names the key: an unknown key
+(with a did-you-mean), a value of the wrong type, or an impossible value. Validation happens before
+anything heavy (model, data) is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+_SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(description="local HF folder or Hub id")
+    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
+    num_labels: int | None = Field(None, ge=1, description="default: from the label map of the train data")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class CleanSection(Section):
+    drop_empty: bool = True
+    drop_bad_labels: bool = True
+    dedup_train: bool = True
+
+
+class DataSection(Section):
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    max_length: int = Field(128, ge=2)
+    padding: Literal["longest", "max_length"] = "longest"
+    pad_to_multiple_of: int = Field(16, ge=1, description="round `longest` padding up to limit recompiles")
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="carve validation from train")
+    max_train_rows: int | None = Field(None, ge=1, description="use only the first N rows of train")
+    clean: CleanSection = CleanSection()
+    cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/jaxft")
+
+
+class EarlyStopping(Section):
+    metric: str = "accuracy"
+    mode: Literal["max", "min"] = "max"
+    patience: int | None = Field(None, ge=1, description="evals without improvement before stopping")
+
+
+class OptimSection(Section):
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    clip_norm: float | None = Field(1.0, gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_steps is not None and self.warmup_ratio:
+            raise ValueError("set optim.warmup_steps or optim.warmup_ratio, not both")
+        return self
+
+
+class TrainSection(Section):
+    batch_size: int = Field(32, ge=1, description="global batch (all devices, all micro-batches)")
+    eval_batch_size: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1, description="total optimizer steps (wins over epochs)")
+    epochs: float = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, ge=1, description="steps between evals; default: end only")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    early_stopping: EarlyStopping = EarlyStopping()
+
+    @model_validator(mode="after")
+    def _accum_divides(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
+                             f"train.grad_accum={self.grad_accum}")
+        return self
+
+
+class MeshSection(Section):
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        for k in ("data", "fsdp", "tensor", "expert"):
+            v = getattr(self, k)
+            if v == 0 or v < -1:
+                raise ValueError(f"mesh.{k}={v}: use a positive size or -1 (the remaining devices)")
+        return self
+
+
+class CheckpointSection(Section):
+    every: int | None = Field(None, ge=1, description="steps between checkpoints; default: each eval")
+    keep: int = Field(2, ge=1, description="latest checkpoints kept (the best is kept as well)")
+    resume: bool = True
+
+
+class Config(Section):
+    model: ModelSection
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    mesh: MeshSection = MeshSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    output_dir: str = "runs/default"
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _format(e: ValidationError, model=Config) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key{_did_you_mean(err['loc'], model)}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"config key {key!r}: {msg}" if key else f"config: {msg}")
+    return "\n".join(lines)
+
+
+def _did_you_mean(loc: tuple, model) -> str:
+    """Walk the schema along `loc` and suggest the closest known key."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?" if close else \
+        f"; known keys here: {', '.join(model.model_fields)}"
+
+
+def apply_override(tree: dict, item: str) -> None:
+    """`optim.lr=3e-5` → tree['optim']['lr'] = 3e-5 (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    if isinstance(value, str) and _SCI.fullmatch(value):  # YAML 1.1 reads 3e-5 as a string
+        value = float(value)
+    node = tree
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read YAML (or start from `base`), apply overrides, validate. Raises `ConfigError` naming the key."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for item in overrides:
+        apply_override(tree, item)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,91 @@
+"""Data for fine-tuning: source → clean → split → tokenize (cached) → deterministic padded batches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jaxft.config import Config
+from jaxft.data.batches import Batches
+from jaxft.data.clean import CleanReport, LabelMap, Rows, clean
+from jaxft.data.sources import DataError, load_table, require_column
+from jaxft.data.tokenize import cache_dir, encode
+
+log = logging.getLogger("jaxft")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class ClassificationData:
+    label_map: LabelMap
+    splits: dict[str, Batches] = field(default_factory=dict)
+    reports: list[CleanReport] = field(default_factory=list)
+
+
+def _read_rows(cfg: Config, split: str) -> Rows:
+    d = cfg.data
+    spec = getattr(d, split)
+    key = f"data.{split}"
+    table = load_table(spec, key, d.max_train_rows if split == "train" else None)
+    text = require_column(table, d.text_field, "data.text_field", spec)
+    pair = require_column(table, d.text_pair_field, "data.text_pair_field", spec) if d.text_pair_field else None
+    label = require_column(table, d.label_field, "data.label_field", spec)
+    as_text = lambda col: [v if v is None or isinstance(v, str) else str(v) for v in col]
+    return Rows(as_text(text), None if pair is None else as_text(pair), list(label),
+                list(range(1, len(text) + 1)))
+
+
+def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None = None,
+                              splits: tuple[str, ...] = SPLITS) -> ClassificationData:
+    """Read, clean, label-encode, tokenize and batch every configured split.
+
+    `label_map` is given when resuming or evaluating a run (the run's own map, saved at its start);
+    otherwise it is built from the cleaned train split.
+    """
+    d, c = cfg.data, cfg.data.clean
+    rows: dict[str, Rows] = {}
+    reports = []
+    for split in splits:
+        if getattr(d, split) is None:
+            continue
+        raw = _read_rows(cfg, split)
+        kept, report = clean(raw, split, drop_empty=c.drop_empty, drop_bad_labels=c.drop_bad_labels,
+                             dedup=c.dedup_train and split == "train", num_labels=cfg.model.num_labels)
+        log.info("clean %s", report.summary())
+        if len(kept) == 0:
+            raise DataError(f"data.{split} ({getattr(d, split)}) has no usable rows after cleaning: "
+                            f"{report.summary()}")
+        rows[split] = kept
+        reports.append(report)
+
+    if d.validation_fraction and "train" in rows:
+        if d.validation is not None:
+            raise DataError("set data.validation or data.validation_fraction, not both")
+        train = rows["train"]
+        perm = np.random.default_rng(cfg.train.seed).permutation(len(train))
+        n_val = max(1, int(round(len(train) * d.validation_fraction)))
+        rows["validation"], rows["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
+
+    if label_map is None:
+        if "train" not in rows:
+            raise DataError("data.train is needed to build the label map")
+        label_map = LabelMap.from_labels(rows["train"].label, cfg.model.num_labels)
+    if cfg.model.num_labels is not None and len(label_map) > cfg.model.num_labels:
+        raise DataError(f"model.num_labels={cfg.model.num_labels}, but train has {len(label_map)} labels: "
+                        f"{list(label_map.names)}")
+
+    out = ClassificationData(label_map, reports=reports)
+    cache = cache_dir(d.cache_dir)
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    for split, r in rows.items():
+        where = getattr(d, split) or f"data.train (validation_fraction={d.validation_fraction})"
+        labels = np.asarray(label_map.encode(r, str(where)), np.int32)
+        enc = encode(tokenizer, r.text, r.pair, d.max_length, cache, desc=f"tokenize {split}")
+        is_train = split == "train"
+        out.splits[split] = Batches(
+            enc, labels, cfg.train.batch_size if is_train else eval_bs, pad_id=tokenizer.pad_token_id or 0,
+            max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
+            shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train)
+    return out

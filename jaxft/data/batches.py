@@ -1,0 +1,103 @@
+"""Deterministic, resumable batches.
+
+Epoch `e` visits the examples in the order `permutation(seed, e)`; the iterator's whole state is
+`(epoch, offset)`, so a resumed run sees exactly the batches the uninterrupted run would have seen.
+Training batches are full (the remainder of an epoch is dropped: every update has the same size);
+evaluation batches cover every example, the last one padded with rows of weight 0.
+
+Padding: to the longest example of the batch rounded up to `pad_to_multiple_of` (a handful of shapes,
+so a handful of compilations), or always to `max_length`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from jaxft.data.tokenize import Encoded
+from jaxft.parallel import batch_sharding
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    offset: int = 0  # examples of this epoch already consumed
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+class Batches:
+    def __init__(self, enc: Encoded, labels: np.ndarray | None, batch_size: int, *, pad_id: int,
+                 max_length: int, padding: str = "longest", pad_to_multiple_of: int = 16,
+                 shuffle: bool = False, seed: int = 0, drop_remainder: bool = False):
+        if drop_remainder and len(enc) < batch_size:
+            raise ValueError(f"the train split has {len(enc)} examples, fewer than one batch of "
+                             f"train.batch_size={batch_size}")
+        self.enc, self.labels, self.batch_size = enc, labels, batch_size
+        self.pad_id, self.max_length, self.padding = pad_id, max_length, padding
+        self.multiple, self.shuffle, self.seed, self.drop_remainder = pad_to_multiple_of, shuffle, seed, drop_remainder
+        self.position = Position()
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n, b = len(self.enc), self.batch_size
+        return n // b if self.drop_remainder else -(-n // b)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.enc))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.enc))
+
+    def next(self) -> dict[str, np.ndarray]:
+        """The batch at the current position, advancing it (wrapping to the next epoch when done)."""
+        per_epoch = len(self) * self.batch_size if self.drop_remainder else len(self.enc)
+        if self.position.offset >= per_epoch:
+            self.position = Position(self.position.epoch + 1, 0)
+        start = self.position.offset
+        idx = self.order(self.position.epoch)[start:start + self.batch_size]
+        self.position = Position(self.position.epoch, start + len(idx))
+        return self.collate(idx)
+
+    def epoch(self):
+        """One pass in order (evaluation); does not touch the training position."""
+        for start in range(0, len(self.enc), self.batch_size):
+            yield self.collate(np.arange(start, min(start + self.batch_size, len(self.enc))))
+
+    def collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        lengths = self.enc.lengths()[idx]
+        if self.padding == "max_length":
+            width = self.max_length
+        else:
+            width = min(self.max_length, -(-int(lengths.max()) // self.multiple) * self.multiple)
+        B = self.batch_size
+        ids = np.full((B, width), self.pad_id, np.int32)
+        types = np.zeros((B, width), np.int32)
+        mask = np.zeros((B, width), np.int32)
+        for r, i in enumerate(idx):
+            seq, tt = self.enc.example(int(i))
+            ids[r, :len(seq)], types[r, :len(seq)], mask[r, :len(seq)] = seq, tt, 1
+        if len(idx) < B:  # padding rows still attend to one token, so no row is fully masked
+            mask[len(idx):, 0] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                 "weights": (np.arange(B) < len(idx)).astype(np.float32),
+                 "example_ids": np.concatenate([idx, -np.ones(B - len(idx), np.int64)]).astype(np.int64)}
+        if self.labels is not None:
+            labels = np.zeros(B, np.int32)
+            labels[:len(idx)] = self.labels[idx]
+            batch["labels"] = labels
+        return batch
+
+
+def to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Global numpy batch → arrays split over the batch axis; each process contributes its own rows."""
+    n_proc, pid = jax.process_count(), jax.process_index()
+    out = {}
+    for k, v in batch.items():
+        if k == "example_ids":
+            continue
+        local = np.array_split(v, n_proc)[pid]
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), local, v.shape)
+    return out

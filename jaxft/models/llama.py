@@ -1,0 +1,260 @@
+"""One decoder for `llama`, `mistral`, `qwen2` and `qwen3` (`*ForCausalLM` in `transformers`).
+
+The four architectures are the same pre-norm block, differing only in options read from `config.json`:
+
+    h = x + o_proj(Attn(rope(q_norm?(q_proj(RMSNorm(x)))), rope(k_norm?(k_proj(…))), v_proj(…)))
+    y = h + down_proj(act(gate_proj(RMSNorm(h))) · up_proj(RMSNorm(h)))
+    logits = RMSNorm(y_L) · Wᵀ   (W = lm_head, or the input embedding when tied)
+
+| option                          | llama | mistral | qwen2       | qwen3 |
+| ------------------------------- | ----- | ------- | ----------- | ----- |
+| q/k/v bias                      | `attention_bias` | no | yes   | `attention_bias` |
+| o_proj bias                     | `attention_bias` | no | no    | `attention_bias` |
+| MLP bias                        | `mlp_bias` | no  | no          | no    |
+| q/k RMSNorm over head_dim       | no    | no      | no          | yes   |
+| sliding window                  | no    | every layer (`sliding_window`) | layers whose `layer_types` entry is `sliding_attention` (from `use_sliding_window` + `max_window_layers`) | same as qwen2 |
+
+All take grouped-query attention (`num_key_value_heads`), `head_dim` ≠ hidden/heads, tied or untied
+embeddings and every RoPE scaling in `jaxft.models.rope`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.hf.table import Flatten, Linear, NameTable, Rule
+from jaxft.models import causal, rope as rope_lib
+from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, attention
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope: rope_lib.Rope
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()     # per layer: uses the sliding window
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if self.sliding_layers[layer] else None
+
+    @classmethod
+    def from_hf(cls, hf, *, num_labels: int | None = None, dtype: str = "float32",
+                param_dtype: str = "float32") -> "DecoderConfig":
+        """Read a `transformers` Llama/Mistral/Qwen2/Qwen3 config; raise naming any field jaxft cannot honour."""
+        mt = hf.model_type
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"model_type {mt!r} is not served by jaxft.models.llama ({MODEL_TYPES})")
+        activation(hf.hidden_act)
+        n, kv = hf.num_attention_heads, hf.num_key_value_heads or hf.num_attention_heads
+        if n % kv:
+            raise ValueError(f"num_attention_heads={n} is not a multiple of num_key_value_heads={kv}")
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n
+        rope = rope_lib.rope_from_hf(hf, head_dim)
+        if rope.dim != head_dim:
+            raise ValueError(f"rope_parameters.partial_rotary_factor must be 1.0 for {mt} "
+                             f"(rotary width {rope.dim} ≠ head_dim {head_dim})")
+        L = hf.num_hidden_layers
+        window = getattr(hf, "sliding_window", None)
+        if mt == "mistral":
+            sliding = (window is not None,) * L
+        elif mt in ("qwen2", "qwen3"):
+            types = list(hf.layer_types)
+            bad = sorted(set(types) - {"full_attention", "sliding_attention"})
+            if bad or len(types) != L:
+                raise ValueError(f"unsupported layer_types={types!r}: expected {L} entries of "
+                                 f"'full_attention' / 'sliding_attention'")
+            sliding = tuple(t == "sliding_attention" for t in types)
+            if any(sliding) and window is None:
+                raise ValueError("layer_types asks for sliding_attention but sliding_window is not set")
+        else:
+            sliding = (False,) * L
+        bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            model_type=mt, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size, num_hidden_layers=L, num_attention_heads=n,
+            num_key_value_heads=kv, head_dim=head_dim, rope=rope, hidden_act=hf.hidden_act,
+            rms_norm_eps=hf.rms_norm_eps,
+            qkv_bias=True if mt == "qwen2" else bias and mt != "mistral",
+            o_bias=bias and mt in ("llama", "qwen3"),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)) and mt == "llama",
+            qk_norm=mt == "qwen3", tie_word_embeddings=bool(hf.tie_word_embeddings),
+            sliding_window=int(window) if any(sliding) else None, sliding_layers=sliding,
+            attention_dropout=float(hf.attention_dropout or 0.0), initializer_range=hf.initializer_range,
+            dtype=dtype, param_dtype=param_dtype)
+
+
+def _kw(cfg: DecoderConfig) -> dict:
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; `N` query heads share `K` key/value heads."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int, rngs: nnx.Rngs):
+        kw, std = _kw(cfg), cfg.initializer_range
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = Dense("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"),
+                            use_bias=cfg.qkv_bias, std=std, rngs=rngs, **kw)
+        self.k_proj = Dense("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
+                            use_bias=cfg.qkv_bias, std=std, rngs=rngs, **kw)
+        self.v_proj = Dense("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
+                            use_bias=cfg.qkv_bias, std=std, rngs=rngs, **kw)
+        self.o_proj = Dense("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"),
+                            use_bias=cfg.o_bias, std=std, rngs=rngs, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, axes=("head_dim",), rngs=rngs, **kw)
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, axes=("head_dim",), rngs=rngs, **kw)
+        self.qk_norm = cfg.qk_norm
+        self.window = cfg.window(layer)
+        self.rate = cfg.attention_dropout
+
+    def __call__(self, x, cos, sin, masks, keys: Keys, kv=None, index=None):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope_lib.apply(q, cos, sin), rope_lib.apply(k, cos, sin)
+        if kv is not None:
+            k, v = causal.write(kv[0], k, index), causal.write(kv[1], v, index)
+        out = attention(q, k, v, masks[self.window], dropout_rate=self.rate, dropout_key=keys())
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nnx.Module):
+    """`down_proj(act(gate_proj(x)) · up_proj(x))` (SwiGLU for `silu`)."""
+
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+        kw, std = _kw(cfg), cfg.initializer_range
+        D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Dense("BTD,DF->BTF", (D, F), ("embed", "mlp"), use_bias=b, std=std, rngs=rngs, **kw)
+        self.up_proj = Dense("BTD,DF->BTF", (D, F), ("embed", "mlp"), use_bias=b, std=std, rngs=rngs, **kw)
+        self.down_proj = Dense("BTF,FD->BTD", (F, D), ("mlp", "embed"), use_bias=b, std=std, rngs=rngs, **kw)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, rngs: nnx.Rngs):
+        kw = _kw(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
+        self.self_attn = Attention(cfg, layer, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, masks, keys: Keys, kv=None, index=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, masks, keys, kv, index)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class DecoderModel(nnx.Module):
+    """Embeddings, the blocks and the final norm; returns hidden states `[B, T, D]` and per-layer K/V."""
+
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+        kw = _kw(cfg)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
+        self.rope = cfg.rope
+
+    def __call__(self, input_ids, positions, masks, keys: Keys, cache: causal.KVCache | None = None):
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_lib.cos_sin(self.rope, positions)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (k, v) = layer(x, cos, sin, masks, keys, kv, None if cache is None else cache.index)
+            new_k.append(k)
+            new_v.append(v)
+        return self.norm(x), (new_k, new_v)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """`logits [B, T, V]` (float32) of the next token at every position."""
+
+    task = "causal-lm"
+
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = DecoderModel(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Dense("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                 use_bias=False, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+        self.windows = tuple(dict.fromkeys(cfg.window(i) for i in range(cfg.num_hidden_layers)))
+
+    def _logits(self, h):
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, dropout_rng=None):
+        """`attention_mask [B, T]`: 1 = token, 0 = padding; `segment_ids [B, T]`: packed document ids
+        (no attention across documents; positions restart per document unless `positions` is given)."""
+        if positions is None:
+            positions = causal.default_positions(input_ids, segment_ids)
+        masks = causal.sequence_masks(input_ids, attention_mask, segment_ids, self.windows)
+        h, _ = self.model(input_ids, positions, masks, Keys(dropout_rng))
+        return self._logits(h)
+
+    def init_cache(self, batch: int, length: int) -> causal.KVCache:
+        cfg = self.config
+        shape = ((cfg.num_key_value_heads, cfg.head_dim),) * 2
+        return causal.empty_cache(batch, length, [shape] * cfg.num_hidden_layers, jnp.dtype(cfg.dtype))
+
+    def decode(self, input_ids, positions, valid, cache: causal.KVCache):
+        """Append `input_ids [B, T]` (at `positions`, `valid` = not padding) to `cache`; logits for them."""
+        masks, cache = causal.cache_masks(cache, valid, self.windows)
+        h, (k, v) = self.model(input_ids, positions, masks, Keys(None), cache)
+        return self._logits(h), causal.finish_cache(cache, k, v, input_ids.shape[1])
+
+
+def name_table(cfg: DecoderConfig, task: str) -> NameTable:
+    """HF `*ForCausalLM` names ↔ jaxft paths (the paths mirror the HF module tree)."""
+    L = "model.layers.{i}."
+    rules = [Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
+             Rule("model.norm.weight", "model.norm.scale"),
+             Rule(L + "input_layernorm.weight", L + "input_layernorm.scale"),
+             Rule(L + "post_attention_layernorm.weight", L + "post_attention_layernorm.scale")]
+    for p in ("q_proj", "k_proj", "v_proj"):
+        rules.append(Rule(L + f"self_attn.{p}.weight", L + f"self_attn.{p}.kernel", Linear(1)))
+        if cfg.qkv_bias:
+            rules.append(Rule(L + f"self_attn.{p}.bias", L + f"self_attn.{p}.bias", Flatten()))
+    rules.append(Rule(L + "self_attn.o_proj.weight", L + "self_attn.o_proj.kernel", Linear(2)))
+    if cfg.o_bias:
+        rules.append(Rule(L + "self_attn.o_proj.bias", L + "self_attn.o_proj.bias"))
+    if cfg.qk_norm:
+        rules += [Rule(L + f"self_attn.{p}.weight", L + f"self_attn.{p}.scale") for p in ("q_norm", "k_norm")]
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        rules.append(Rule(L + f"mlp.{p}.weight", L + f"mlp.{p}.kernel", Linear(1)))
+        if cfg.mlp_bias:
+            rules.append(Rule(L + f"mlp.{p}.bias", L + f"mlp.{p}.bias"))
+    ignore = [r".*rotary_emb\.inv_freq"]
+    if cfg.tie_word_embeddings:
+        ignore.append(r"lm_head\.weight")  # transformers re-ties it to the embedding on load
+    else:
+        rules.append(Rule("lm_head.weight", "lm_head.kernel", Linear(1)))
+    return NameTable(rules, ignore=ignore)

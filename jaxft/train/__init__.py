@@ -1,0 +1,1 @@
+"""Training: the jitted step, the loop, metrics and logging, checkpoints, early stopping."""
