@@ -29,6 +29,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "expert": ("expert",),
     "head_dim": (),
+    "qkv": (),
     "position": (),
     "token_type": (),
     "classes": (),

@@ -22,7 +22,7 @@ from jaxft.models import get_family
 
 def to_host(x: jax.Array) -> np.ndarray:
     """Gather one (possibly sharded, possibly multi-host) array to this host's memory."""
-    if not x.is_fully_addressable:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))

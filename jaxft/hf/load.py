@@ -89,7 +89,7 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     table = family.name_table(cfg, task)
     arrays, missing = table.import_(
         renamed, lambda n: weights.read(renamed[n]), {p: v.shape for p, v in params.items()},
-        where=str(folder))
+        where=str(folder), locate=lambda n: weights.describe(renamed[n]))
 
     key = jax.random.key(seed)
     for i, path in enumerate(missing):

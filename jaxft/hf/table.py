@@ -70,6 +70,21 @@ class Flatten(Transform):
         return (prod(shape),)
 
 
+@dataclass(frozen=True)
+class Conv1D(Transform):
+    """GPT-2 `Conv1D.weight`, stored `[in, out]` (input first, so no transpose) ↔ a kernel whose first
+    `n_in` dims are the input: fused `c_attn` `[D, 3·N·H]` ↔ `[D, 3, N, H]` (n_in=1), attention
+    `c_proj` `[N·H, D]` ↔ `[N, H, D]` (n_in=2). Only reshapes, so round trips are bit-identical."""
+
+    n_in: int = 1
+
+    def to_hf(self, a):
+        return a.reshape(prod(a.shape[: self.n_in]), -1)
+
+    def hf_shape(self, shape):
+        return (prod(shape[: self.n_in]), prod(shape[self.n_in:]))
+
+
 IDENTITY = Transform()
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -133,19 +148,21 @@ class NameTable:
 
     def import_(self, hf_names: Iterable[str], read: Callable[[str], np.ndarray],
                 shapes: Mapping[str, tuple[int, ...]], where: str = "checkpoint",
-                ) -> tuple[dict[str, np.ndarray], list[str]]:
+                locate: Callable[[str], str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
         """Checkpoint tensors → `{path: array}` for every path in `shapes`.
 
         Returns the arrays and the paths that were absent and must be initialised (rules with `init`).
-        Raises naming the tensor for unknown names, unfilled parameters and shape mismatches.
+        Raises naming the tensor for unknown names, unfilled parameters and shape mismatches;
+        `locate(name)` names the file holding a tensor (default: `where`).
         """
+        locate = locate or (lambda _: where)
         by_path: dict[str, list[tuple[tuple[int, ...], str]]] = {}
         for name in hf_names:
             if any(rx.match(name) for rx in self._ignore):
                 continue
             hit = self.match_hf(name)
             if hit is None:
-                raise KeyError(f"unexpected tensor {name!r} in {where}: no rule of this model family "
+                raise KeyError(f"unexpected tensor {name!r} in {locate(name)}: no rule of this model family "
                                f"maps it (is the model_type or task right?)")
             rule, idx = hit
             path = rule.path.format(**idx)
@@ -174,7 +191,7 @@ class NameTable:
                 t = read(name)
                 want = rule.transform.hf_shape(inner)
                 if tuple(t.shape) != tuple(want):
-                    raise ValueError(f"tensor {name!r} in {where} has shape {tuple(t.shape)}, but the "
+                    raise ValueError(f"tensor {name!r} in {locate(name)} has shape {tuple(t.shape)}, but the "
                                      f"model config implies {tuple(want)}")
                 parts.append(rule.transform.to_jax(t, inner))
             if n_stack:

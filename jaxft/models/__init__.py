@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from jaxft.hf.table import NameTable
-from jaxft.models import bert
+from jaxft.models import bert, gpt2, llama
 
 TASKS = ("sequence-classification", "causal-lm")
 
@@ -35,6 +35,23 @@ FAMILIES: dict[str, Family] = {
         architectures={"sequence-classification": "BertForSequenceClassification"},
         base_prefix="bert.",
     ),
+    "gpt2": Family(
+        name="gpt2",
+        config_from_hf=gpt2.GPT2Config.from_hf,
+        modules={"causal-lm": gpt2.GPT2LMHeadModel},
+        name_table=gpt2.name_table,
+        architectures={"causal-lm": "GPT2LMHeadModel"},
+        base_prefix="transformer.",
+    ),
+    **{mt: Family(
+        name=mt,
+        config_from_hf=llama.DecoderConfig.from_hf,
+        modules={"causal-lm": llama.LlamaForCausalLM},
+        name_table=llama.name_table,
+        architectures={"causal-lm": arch},
+        base_prefix="model.",
+    ) for mt, arch in [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
+                       ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")]},
 }
 
 

@@ -1,0 +1,179 @@
+"""KV-cached decoding for causal LMs: `jaxft.generate` and `generate_text`.
+
+Two compiled programs per (batch, prompt length, max_new_tokens) shape:
+
+* **prefill** runs the whole (left-padded) prompt through `model.decode`, filling key/value buffers of a
+  fixed size `S = prompt + max_new_tokens`, and picks the first new token;
+* **decode** is a `lax.while_loop` of one-token `model.decode` steps over the same buffers. Nothing
+  changes shape between tokens, so nothing recompiles; the loop stops early once every row has emitted
+  an end-of-sequence token.
+
+Positions follow `transformers` `generate`: `cumsum(attention_mask) - 1`, so a left-padded prompt sees
+the positions it would see unpadded. Greedy decoding (`temperature=0`) takes the argmax; otherwise
+logits are divided by the temperature, optionally cut to the nucleus of mass `top_p`, and sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+def _eos_from(obj: dict) -> list[int]:
+    eos = obj.get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def default_eos(model: nnx.Module) -> list[int]:
+    """The end-of-sequence ids `transformers` would stop at: the source folder's `generation_config.json`,
+    else `config.json`."""
+    source = getattr(model, "source_dir", None)
+    gen = Path(source) / "generation_config.json" if source else None
+    if gen is not None and gen.exists():
+        eos = _eos_from(json.loads(gen.read_text()))
+        if eos:
+            return eos
+    return _eos_from(getattr(model, "hf_config", {}))
+
+
+def _pick(logits: Array, key: Array, temperature: Array, top_p: Array, greedy: bool, nucleus: bool) -> Array:
+    """Next token `[B]` from `logits [B, V]`: argmax, or a sample from softmax(logits / temperature)
+    restricted to the smallest set of most likely tokens whose probability reaches `top_p`."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if nucleus:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs       # mass of the strictly more likely tokens
+        cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _prefill(graphdef, state, ids, mask, positions, key, temperature, top_p, *, max_new_tokens, greedy,
+             nucleus):
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    logits, cache = model.decode(ids, positions, mask, cache)
+    token = _pick(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p, greedy, nucleus)
+    return token, cache
+
+
+def _decode(graphdef, state, cache, token, position, key, temperature, top_p, eos, pad, *, max_new_tokens,
+            greedy, nucleus):
+    """Tokens `[B, max_new_tokens]` after `token` (the prefill's pick), and how many steps ran."""
+    model = nnx.merge(graphdef, state)
+    B = token.shape[0]
+    out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
+    done = jnp.isin(token, eos)
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, token, position, done, out = carry
+        logits, cache = model.decode(token[:, None], position[:, None], jnp.ones((B, 1), bool), cache)
+        nxt = _pick(logits[:, -1], jax.random.fold_in(key, i), temperature, top_p, greedy, nucleus)
+        nxt = jnp.where(done, pad, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, cache, nxt, position + 1, done | jnp.isin(nxt, eos), out
+
+    carry = (jnp.ones((), jnp.int32), cache, token, position + 1, done, out)
+    steps, *_, out = jax.lax.while_loop(cond, body, carry)
+    return out, steps
+
+
+_STATIC = ("max_new_tokens", "greedy", "nucleus")
+_PROGRAMS: "weakref.WeakKeyDictionary[nnx.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def programs(model: nnx.Module):
+    """`(graphdef, state, prefill, decode)` for `model`: jitted once per model and reused across calls.
+
+    The graph definition is closed over rather than passed as a static argument, since a loaded model's
+    graph carries its (unhashable) HF config dict.
+    """
+    graphdef, state = nnx.split(model)
+    cached = _PROGRAMS.get(model)
+    if cached is None or cached[0] != graphdef:
+        cached = (graphdef,
+                  jax.jit(partial(_prefill, graphdef), static_argnames=_STATIC),
+                  jax.jit(partial(_decode, graphdef), static_argnames=_STATIC, donate_argnames=("cache",)))
+        _PROGRAMS[model] = cached
+    return graphdef, state, cached[1], cached[2]
+
+
+def generate(model: nnx.Module, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, attention_mask=None,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+    """Generate up to `max_new_tokens` tokens after each prompt row; returns only the new ids `[B, n]`.
+
+    `input_ids [B, T]` may be left-padded (`attention_mask` 0 on the left, as `padding_side="left"`
+    tokenizers produce). `eos_token_id`: one id or several; `None` takes the model's own (its source
+    folder's `generation_config.json`, else `config.json`); `[]` never stops early. A row that has
+    finished is filled with `pad_token_id` (default: the first eos id, else 0), and generation stops
+    when every row has finished, so `n ≤ max_new_tokens`.
+    """
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError("generate needs left padding (padding tokens before the prompt): use a tokenizer "
+                         "with padding_side='left'")
+    if not mask[:, -1].all():
+        raise ValueError("every prompt row needs at least one token (attention_mask is all 0 in some row)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature ≥ 0 and 0 < top_p ≤ 1, got {temperature}, {top_p}")
+    eos = default_eos(model) if eos_token_id is None else (
+        [int(eos_token_id)] if np.ndim(eos_token_id) == 0 else [int(e) for e in eos_token_id])
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+
+    _, state, prefill, decode = programs(model)
+    key = jax.random.key(seed)
+    flags = dict(max_new_tokens=int(max_new_tokens), greedy=temperature == 0.0, nucleus=top_p < 1.0)
+    t, p = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
+    token, cache = prefill(state, ids, mask, positions, key, t, p, **flags)
+    out, steps = decode(state, cache, token, positions[:, -1], key, t, p,
+                         jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), **flags)
+    return np.asarray(out)[:, : int(steps)]
+
+
+def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0) -> str:
+    """Load an HF folder (weights + tokenizer), continue `prompt`, return the new text.
+
+    Stops at the eos ids of the folder's `generation_config.json` (else `config.json`, else the
+    tokenizer's eos token); special tokens are left out of the returned text.
+    """
+    from transformers import AutoTokenizer
+
+    from jaxft.hf.load import load_model, resolve
+
+    folder = resolve(model_dir)
+    model = load_model(folder, task="causal-lm")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenizer(prompt, return_tensors="np")["input_ids"]
+    eos = default_eos(model) or ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
+    new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   seed=seed, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(new[0], skip_special_tokens=True)

@@ -1,0 +1,199 @@
+"""GPT-2 (`model_type: gpt2`, `GPT2LMHeadModel` in `transformers`).
+
+Pre-LayerNorm blocks with learned absolute positions:
+
+    x = wte[ids] + wpe[positions]
+    x = x + c_proj(Attn(c_attn(LN₁(x))))        c_attn: one fused [D, 3·D] projection → q | k | v
+    x = x + c_proj(act(c_fc(LN₂(x))))
+    logits = LN_f(x) · wteᵀ                     (tied; an untied `lm_head` when `tie_word_embeddings` is false)
+
+HF stores GPT-2's projections as `Conv1D` weights `[in, out]`, so they map onto einsum kernels by
+reshaping alone. Positions restart per packed document, like RoPE models, so packing is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.hf.table import IDENTITY, Conv1D, Flatten, Linear, NameTable, Rule
+from jaxft.models import causal
+from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, attention, dropout
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    n_positions: int
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, hf, *, num_labels: int | None = None, dtype: str = "float32",
+                param_dtype: str = "float32") -> "GPT2Config":
+        """Read a `transformers` GPT2Config; raise naming any option that changes the math and we lack."""
+        for name in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            if getattr(hf, name, False):
+                raise ValueError(f"unsupported GPT-2 config field {name}=True (jaxft supports False)")
+        if hf.n_embd % hf.n_head:
+            raise ValueError(f"n_embd={hf.n_embd} is not divisible by n_head={hf.n_head}")
+        activation(hf.activation_function, "activation_function")
+        return cls(
+            vocab_size=hf.vocab_size, n_embd=hf.n_embd, n_layer=hf.n_layer, n_head=hf.n_head,
+            n_inner=hf.n_inner or 4 * hf.n_embd, n_positions=hf.n_positions,
+            activation_function=hf.activation_function, layer_norm_epsilon=hf.layer_norm_epsilon,
+            scale_attn_weights=bool(hf.scale_attn_weights), embd_pdrop=hf.embd_pdrop, attn_pdrop=hf.attn_pdrop,
+            resid_pdrop=hf.resid_pdrop, tie_word_embeddings=bool(hf.tie_word_embeddings),
+            initializer_range=hf.initializer_range, dtype=dtype, param_dtype=param_dtype)
+
+
+def _kw(cfg: GPT2Config) -> dict:
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class GPT2Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        kw, std = _kw(cfg), cfg.initializer_range
+        D, N, H = cfg.n_embd, cfg.n_head, cfg.head_dim
+        self.c_attn = Dense("BTD,DCNH->BTCNH", (D, 3, N, H), ("embed", "qkv", "heads", "head_dim"),
+                            std=std, rngs=rngs, **kw)
+        self.c_proj = Dense("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), std=std, rngs=rngs, **kw)
+        self.scale = H ** -0.5 if cfg.scale_attn_weights else 1.0
+        self.attn_rate, self.rate = cfg.attn_pdrop, cfg.resid_pdrop
+
+    def __call__(self, x, mask, keys: Keys, kv=None, index=None):
+        qkv = self.c_attn(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if kv is not None:
+            k, v = causal.write(kv[0], k, index), causal.write(kv[1], v, index)
+        out = attention(q, k, v, mask, scale=self.scale, dropout_rate=self.attn_rate, dropout_key=keys())
+        return dropout(self.c_proj(out), self.rate, keys()), (k, v)
+
+
+class GPT2MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        kw, std = _kw(cfg), cfg.initializer_range
+        D, F = cfg.n_embd, cfg.n_inner
+        self.c_fc = Dense("BTD,DF->BTF", (D, F), ("embed", "mlp"), std=std, rngs=rngs, **kw)
+        self.c_proj = Dense("BTF,FD->BTD", (F, D), ("mlp", "embed"), std=std, rngs=rngs, **kw)
+        self.act = activation(cfg.activation_function, "activation_function")
+        self.rate = cfg.resid_pdrop
+
+    def __call__(self, x, keys: Keys):
+        return dropout(self.c_proj(self.act(self.c_fc(x))), self.rate, keys())
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        kw, D, eps = _kw(cfg), cfg.n_embd, cfg.layer_norm_epsilon
+        self.ln_1 = LayerNorm(D, eps, rngs=rngs, **kw)
+        self.attn = GPT2Attention(cfg, rngs)
+        self.ln_2 = LayerNorm(D, eps, rngs=rngs, **kw)
+        self.mlp = GPT2MLP(cfg, rngs)
+
+    def __call__(self, x, mask, keys: Keys, kv=None, index=None):
+        a, kv = self.attn(self.ln_1(x), mask, keys, kv, index)
+        x = x + a
+        return x + self.mlp(self.ln_2(x), keys), kv
+
+
+class GPT2Model(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        kw, std = _kw(cfg), cfg.initializer_range
+        self.wte = Embed(cfg.vocab_size, cfg.n_embd, std=std, rngs=rngs, **kw)
+        self.wpe = Embed(cfg.n_positions, cfg.n_embd, axes=("position", "embed"), std=std, rngs=rngs, **kw)
+        self.h = nnx.List([GPT2Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs=rngs, **kw)
+        self.rate = cfg.embd_pdrop
+
+    def __call__(self, input_ids, positions, mask, keys: Keys, cache: causal.KVCache | None = None):
+        x = dropout(self.wte(input_ids) + self.wpe(positions), self.rate, keys())
+        new_k, new_v = [], []
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (k, v) = block(x, mask, keys, kv, None if cache is None else cache.index)
+            new_k.append(k)
+            new_v.append(v)
+        return self.ln_f(x), (new_k, new_v)
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """`logits [B, T, V]` (float32) of the next token at every position."""
+
+    task = "causal-lm"
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.config = cfg
+        self.transformer = GPT2Model(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Dense("BTD,DV->BTV", (cfg.n_embd, cfg.vocab_size), ("embed", "vocab"),
+                                 use_bias=False, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+
+    def _logits(self, h):
+        if self.config.tie_word_embeddings:
+            return self.transformer.wte.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, dropout_rng=None):
+        """`attention_mask [B, T]`: 1 = token, 0 = padding; `segment_ids [B, T]`: packed document ids
+        (no attention across documents; positions restart per document unless `positions` is given)."""
+        if positions is None:
+            positions = causal.default_positions(input_ids, segment_ids)
+        masks = causal.sequence_masks(input_ids, attention_mask, segment_ids, (None,))
+        h, _ = self.transformer(input_ids, positions, masks[None], Keys(dropout_rng))
+        return self._logits(h)
+
+    def init_cache(self, batch: int, length: int) -> causal.KVCache:
+        cfg = self.config
+        shape = ((cfg.n_head, cfg.head_dim),) * 2
+        return causal.empty_cache(batch, length, [shape] * cfg.n_layer, jnp.dtype(cfg.dtype))
+
+    def decode(self, input_ids, positions, valid, cache: causal.KVCache):
+        """Append `input_ids [B, T]` (at `positions`, `valid` = not padding) to `cache`; logits for them."""
+        masks, cache = causal.cache_masks(cache, valid, (None,))
+        h, (k, v) = self.transformer(input_ids, positions, masks[None], Keys(None), cache)
+        return self._logits(h), causal.finish_cache(cache, k, v, input_ids.shape[1])
+
+
+def name_table(cfg: GPT2Config, task: str) -> NameTable:
+    """HF `GPT2LMHeadModel` names ↔ jaxft paths (the paths mirror the HF module tree)."""
+    H = "transformer.h.{i}."
+    rules = [Rule("transformer.wte.weight", "transformer.wte.embedding"),
+             Rule("transformer.wpe.weight", "transformer.wpe.embedding"),
+             Rule("transformer.ln_f.weight", "transformer.ln_f.scale"),
+             Rule("transformer.ln_f.bias", "transformer.ln_f.bias"),
+             Rule(H + "attn.c_attn.weight", H + "attn.c_attn.kernel", Conv1D(1)),
+             Rule(H + "attn.c_attn.bias", H + "attn.c_attn.bias", Flatten()),
+             Rule(H + "attn.c_proj.weight", H + "attn.c_proj.kernel", Conv1D(2)),
+             Rule(H + "attn.c_proj.bias", H + "attn.c_proj.bias"),
+             Rule(H + "mlp.c_fc.weight", H + "mlp.c_fc.kernel", IDENTITY),
+             Rule(H + "mlp.c_fc.bias", H + "mlp.c_fc.bias"),
+             Rule(H + "mlp.c_proj.weight", H + "mlp.c_proj.kernel", IDENTITY),
+             Rule(H + "mlp.c_proj.bias", H + "mlp.c_proj.bias")]
+    rules += [Rule(H + f"{ln}.{hf}", H + f"{ln}.{jx}") for ln in ("ln_1", "ln_2")
+              for hf, jx in (("weight", "scale"), ("bias", "bias"))]
+    # Old checkpoints carry the causal-mask buffers `attn.bias` / `attn.masked_bias`; transformers drops them.
+    ignore = [r"transformer\.h\.\d+\.attn\.(bias|masked_bias)"]
+    if cfg.tie_word_embeddings:
+        ignore.append(r"lm_head\.weight")
+    else:
+        rules.append(Rule("lm_head.weight", "lm_head.kernel", Linear(1)))
+    return NameTable(rules, ignore=ignore)

