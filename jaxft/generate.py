@@ -112,7 +112,7 @@ def programs(model: nnx.Module):
     if cached is None or cached[0] != graphdef:
         cached = (graphdef,
                   jax.jit(partial(_prefill, graphdef), static_argnames=_STATIC),
-                  jax.jit(partial(_decode, graphdef), static_argnames=_STATIC, donate_argnames=("cache",)))
+                  jax.jit(partial(_decode, graphdef), static_argnames=_STATIC))
         _PROGRAMS[model] = cached
     return graphdef, state, cached[1], cached[2]
 

@@ -59,8 +59,9 @@ def hf_config_dict(model: nnx.Module, id2label: dict[int, str] | None = None) ->
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer=None,
                     id2label: dict[int, str] | None = None, dtype: str | None = None,
-                    max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write `config.json`, `model.safetensors` (sharded with an index when large) and the tokenizer.
+                    max_shard_bytes: int = 5 * 2**30, generation: dict | None = None) -> Path:
+    """Write `config.json`, `model.safetensors` (sharded with an index when large) and the tokenizer;
+    for causal LMs also `generation_config.json` (see `generation_config`; `generation` overrides it).
 
     Call it on every process of a multi-host run: arrays are gathered collectively, files are written
     by process 0 only.
@@ -78,9 +79,35 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer=Non
     if dtype is not None:
         hf.dtype = dtype
     hf.save_pretrained(str(out))
+    if model.task == "causal-lm":
+        generation_config(model, hf, tokenizer, generation).save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def generation_config(model: nnx.Module, hf, tokenizer=None, overrides: dict | None = None):
+    """The `GenerationConfig` a causal LM is exported with, so `transformers` and serving tools stop
+    where the model learned to stop: the source folder's `generation_config.json` when it has one, else
+    derived from `config.json` (as `transformers`' `save_pretrained` does); a missing eos taken from the
+    tokenizer; `overrides` (e.g. a chat template's end-of-turn id as `eos_token_id`) applied; a missing
+    `pad_token_id` set to the tokenizer's pad token, else the first eos id.
+    """
+    from transformers import GenerationConfig
+
+    source = getattr(model, "source_dir", None)
+    if source and (Path(source) / "generation_config.json").exists():
+        gen = GenerationConfig.from_pretrained(source)
+    else:
+        gen = GenerationConfig.from_model_config(hf)
+    if gen.eos_token_id is None and getattr(tokenizer, "eos_token_id", None) is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    if overrides:
+        gen.update(**overrides)
+    if gen.pad_token_id is None:
+        pad, eos = getattr(tokenizer, "pad_token_id", None), gen.eos_token_id
+        gen.pad_token_id = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    return gen
 
 
 def write_json(path: Path, obj) -> None:

@@ -1,0 +1,134 @@
+"""KV-cached generation vs `transformers` `generate`, `generate_text`, and `generation_config.json` on export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import jaxft
+from jaxft.generate import generate_text, programs
+from causal_helpers import VOCAB, load_hf, save_hf
+
+
+def _hf_generate(ref, ids, mask, n, eos, pad):
+    import torch
+
+    out = ref.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                       max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    return out.numpy()[:, ids.shape[1]:]
+
+
+def _left_padded(seed=0):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, VOCAB, (3, 14)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :9] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa-tied", "mistral-sliding", "gpt2"])
+def test_greedy_matches_transformers(tmp_path, variant):
+    """Token for token, on a left-padded batch (Mistral: its 16-token window is shorter than the text)."""
+    folder = save_hf(variant, tmp_path / "hf")
+    ref, model = load_hf(folder), jaxft.load_model(folder, task="causal-lm")
+    ids, mask = _left_padded()
+    theirs = _hf_generate(ref, ids, mask, 24, eos=[], pad=0)
+    ours = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
+    assert ours.shape == (3, 24)
+    assert len(set(ours.ravel().tolist())) > 5  # not a degenerate repetition
+    np.testing.assert_array_equal(ours, theirs)
+    # unpadded single prompt, and the same row inside the padded batch, agree
+    alone = jaxft.generate(model, ids[2:, 9:], max_new_tokens=24, eos_token_id=[])
+    np.testing.assert_array_equal(alone[0], ours[2])
+
+
+def test_eos_stops_and_pads_like_transformers(tmp_path):
+    folder = save_hf("llama-gqa-tied", tmp_path / "hf")
+    ref, model = load_hf(folder), jaxft.load_model(folder, task="causal-lm")
+    ids, mask = _left_padded()
+    free = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    eos = int(free[0, 3])  # row 0 emits it at step 3; other rows later or never
+    theirs = _hf_generate(ref, ids, mask, 12, eos=eos, pad=1)
+    ours = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=1)
+    np.testing.assert_array_equal(ours, theirs[:, : ours.shape[1]])
+    assert (ours[0, 4:] == 1).all()
+
+
+def test_no_recompilation_and_sampling(tmp_path):
+    model = jaxft.load_model(save_hf("gpt2", tmp_path / "hf"), task="causal-lm")
+    ids, mask = _left_padded()
+    _, _, prefill, decode = programs(model)
+    before = (prefill._cache_size(), decode._cache_size())
+    for seed in range(3):
+        jaxft.generate(model, ids + seed, attention_mask=mask, max_new_tokens=16, eos_token_id=[])
+    assert (prefill._cache_size(), decode._cache_size()) == (before[0] + 1, before[1] + 1)
+
+    a = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0, seed=7, eos_token_id=[])
+    b = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0, seed=7, eos_token_id=[])
+    c = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0, seed=8, eos_token_id=[])
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    greedy = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[])
+    nucleus = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0,
+                             top_p=1e-6, seed=3, eos_token_id=[])
+    np.testing.assert_array_equal(greedy, nucleus)  # a vanishing nucleus keeps only the top token
+
+
+def test_bad_generate_input_is_explained(tmp_path):
+    model = jaxft.load_model(save_hf("gpt2", tmp_path / "hf"), task="causal-lm")
+    ids = np.ones((2, 6), np.int32)
+    right = np.array([[1] * 6, [1] * 4 + [0] * 2])
+    with pytest.raises(ValueError, match="left padding"):
+        jaxft.generate(model, ids, attention_mask=right)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        jaxft.generate(model, ids, max_new_tokens=0)
+
+
+def _tiny_tokenizer(folder):
+    """A word-level fast tokenizer over `w0 … w{V-1}` with `<s>`=1, `</s>`=2, `<pad>`=0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def test_generate_text_and_generation_config(tmp_path):
+    folder = save_hf("gpt2", tmp_path / "hf")  # bos 1, eos 2
+    tok = _tiny_tokenizer(folder)
+    ref = load_hf(folder)
+    prompt = "w5 w17 w33 w8 w60"
+    ids = tok(prompt, return_tensors="np")["input_ids"]
+    expected = _hf_generate(ref, ids, np.ones_like(ids), 10, eos=2, pad=0)[0]
+    text = generate_text(str(folder), prompt, max_new_tokens=10)
+    assert text == tok.decode(expected, skip_special_tokens=True)
+    assert text.split()[0].startswith("w")
+
+    # export: the source folder's generation_config.json is kept, pad filled from the tokenizer
+    model = jaxft.load_model(folder)
+    jaxft.save_pretrained(model, tmp_path / "out", tokenizer=tok)
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1 and gen["pad_token_id"] == 0
+    # a chat template's end-of-turn token can be added as a stop id
+    jaxft.save_pretrained(model, tmp_path / "chat", generation={"eos_token_id": [2, 7]})
+    gen = json.loads((tmp_path / "chat" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, 7] and gen["pad_token_id"] == 2
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(str(tmp_path / "chat")).eos_token_id == [2, 7]
+
+
+def test_generation_config_without_source_file(tmp_path):
+    folder = save_hf("llama-mha", tmp_path / "hf", eos_token_id=2, bos_token_id=1)
+    (folder / "generation_config.json").unlink()
+    jaxft.save_pretrained(jaxft.load_model(folder), tmp_path / "out")
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["pad_token_id"] == 2
