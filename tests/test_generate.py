@@ -46,6 +46,20 @@ def test_greedy_matches_transformers(tmp_path, variant):
     np.testing.assert_array_equal(alone[0], ours[2])
 
 
+@pytest.mark.parametrize("variant", ["llama-dynamic", "llama-longrope"])
+def test_greedy_across_the_rope_switch(tmp_path, variant):
+    """Decoding crosses the length (256) where dynamic NTK / LongRoPE change their frequencies; the
+    cached keys keep the angles they were written with, in jaxft as in transformers."""
+    folder = save_hf(variant, tmp_path / "hf")
+    ref, model = load_hf(folder), jaxft.load_model(folder, task="causal-lm")
+    ids = np.random.RandomState(2).randint(3, VOCAB, (2, 250)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :7] = 0
+    theirs = _hf_generate(ref, ids, mask, 12, eos=[], pad=0)
+    ours = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    np.testing.assert_array_equal(ours, theirs)
+
+
 def test_eos_stops_and_pads_like_transformers(tmp_path):
     folder = save_hf("llama-gqa-tied", tmp_path / "hf")
     ref, model = load_hf(folder), jaxft.load_model(folder, task="causal-lm")
@@ -67,9 +81,11 @@ def test_no_recompilation_and_sampling(tmp_path):
         jaxft.generate(model, ids + seed, attention_mask=mask, max_new_tokens=16, eos_token_id=[])
     assert (prefill._cache_size(), decode._cache_size()) == (before[0] + 1, before[1] + 1)
 
-    a = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0, seed=7, eos_token_id=[])
-    b = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0, seed=7, eos_token_id=[])
-    c = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0, seed=8, eos_token_id=[])
+    def sample(seed):
+        return jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0, seed=seed,
+                              eos_token_id=[])
+
+    a, b, c = sample(7), sample(7), sample(8)
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     greedy = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[])
@@ -86,6 +102,8 @@ def test_bad_generate_input_is_explained(tmp_path):
         jaxft.generate(model, ids, attention_mask=right)
     with pytest.raises(ValueError, match="max_new_tokens"):
         jaxft.generate(model, ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="n_positions"):
+        jaxft.generate(model, ids, max_new_tokens=1020)
 
 
 def _tiny_tokenizer(folder):

@@ -60,14 +60,6 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
         rows[split] = kept
         reports.append(report)
 
-    if d.validation_fraction and "train" in rows:
-        if d.validation is not None:
-            raise DataError("set data.validation or data.validation_fraction, not both")
-        train = rows["train"]
-        perm = np.random.default_rng(cfg.train.seed).permutation(len(train))
-        n_val = max(1, int(round(len(train) * d.validation_fraction)))
-        rows["validation"], rows["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
-
     if label_map is None:
         if "train" not in rows:
             raise DataError("data.train is needed to build the label map")
@@ -75,6 +67,14 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
     if cfg.model.num_labels is not None and len(label_map) > cfg.model.num_labels:
         raise DataError(f"model.num_labels={cfg.model.num_labels}, but train has {len(label_map)} labels: "
                         f"{list(label_map.names)}")
+
+    if d.validation_fraction and "train" in rows:
+        if d.validation is not None:
+            raise DataError("set data.validation or data.validation_fraction, not both")
+        train = rows["train"]
+        perm = np.random.default_rng(cfg.train.seed).permutation(len(train))
+        n_val = max(1, int(round(len(train) * d.validation_fraction)))
+        rows["validation"], rows["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
 
     out = ClassificationData(label_map, reports=reports)
     cache = cache_dir(d.cache_dir)

@@ -19,6 +19,7 @@ from flax import nnx
 from jaxft import parallel
 from jaxft.hf.files import WeightFile
 from jaxft.models import get_family
+from jaxft.models.moe import Buffer
 
 log = logging.getLogger("jaxft")
 
@@ -62,8 +63,10 @@ def read_hf_config(folder: Path):
 
 
 def flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
-    """`{'bert.layers.0.query.kernel': Param}` for every parameter of `module`."""
-    return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    """`{'bert.layers.0.query.kernel': Param}` for every tensor a checkpoint holds: the `nnx.Param`s and
+    the non-trainable `Buffer`s (e.g. DeepSeek-V3's `e_score_correction_bias`)."""
+    return {".".join(map(str, path)): v
+            for path, v in nnx.to_flat_state(nnx.state(module, (nnx.Param, Buffer)))}
 
 
 def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None,

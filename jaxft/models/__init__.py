@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from jaxft.hf.table import NameTable
-from jaxft.models import bert, gpt2, llama
+from jaxft.models import bert, deepseek, gpt2, llama
 
 TASKS = ("sequence-classification", "causal-lm")
 
@@ -52,6 +52,14 @@ FAMILIES: dict[str, Family] = {
         base_prefix="model.",
     ) for mt, arch in [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
                        ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")]},
+    **{mt: Family(
+        name=mt,
+        config_from_hf=deepseek.DeepseekConfig.from_hf,
+        modules={"causal-lm": deepseek.DeepseekForCausalLM},
+        name_table=deepseek.name_table,
+        architectures={"causal-lm": arch},
+        base_prefix="model.",
+    ) for mt, arch in [("deepseek_v2", "DeepseekV2ForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM")]},
 }
 
 

@@ -163,6 +163,8 @@ class GPT2LMHeadModel(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> causal.KVCache:
         cfg = self.config
+        if length > cfg.n_positions:
+            raise ValueError(f"prompt + new tokens = {length} exceeds GPT-2's n_positions={cfg.n_positions}")
         shape = ((cfg.n_head, cfg.head_dim),) * 2
         return causal.empty_cache(batch, length, [shape] * cfg.n_layer, jnp.dtype(cfg.dtype))
 

@@ -6,13 +6,16 @@ The four architectures are the same pre-norm block, differing only in options re
     y = h + down_proj(act(gate_proj(RMSNorm(h))) · up_proj(RMSNorm(h)))
     logits = RMSNorm(y_L) · Wᵀ   (W = lm_head, or the input embedding when tied)
 
-| option                          | llama | mistral | qwen2       | qwen3 |
-| ------------------------------- | ----- | ------- | ----------- | ----- |
-| q/k/v bias                      | `attention_bias` | no | yes   | `attention_bias` |
-| o_proj bias                     | `attention_bias` | no | no    | `attention_bias` |
-| MLP bias                        | `mlp_bias` | no  | no          | no    |
-| q/k RMSNorm over head_dim       | no    | no      | no          | yes   |
-| sliding window                  | no    | every layer (`sliding_window`) | layers whose `layer_types` entry is `sliding_attention` (from `use_sliding_window` + `max_window_layers`) | same as qwen2 |
+What differs, and where `transformers` reads it from:
+
+    q/k/v bias       llama, qwen3: `attention_bias`; qwen2: always; mistral: never
+    o_proj bias      llama, qwen3: `attention_bias`; qwen2, mistral: never
+    MLP bias         llama: `mlp_bias`; the others: never
+    q/k RMSNorm      qwen3 only (over each head's `head_dim` channels, before RoPE)
+    sliding window   mistral: every layer when `sliding_window` is set; qwen2/qwen3: the layers whose
+                     `layer_types` entry is `sliding_attention` (`transformers` derives it from
+                     `use_sliding_window` and `max_window_layers`: layers i ≥ max_window_layers);
+                     query t then sees keys s with t − window < s ≤ t; llama: never
 
 All take grouped-query attention (`num_key_value_heads`), `head_dim` ≠ hidden/heads, tied or untied
 embeddings and every RoPE scaling in `jaxft.models.rope`.

@@ -220,3 +220,16 @@ def apply(x: Array, cos: Array, sin: Array, interleaved: bool = False) -> Array:
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def mla_softmax_mscale(hf, rope: Rope) -> float:
+    """DeepSeek MLA's factor on the softmax scale `1/sqrt(qk_head_dim)`: `yarn_get_mscale(factor, mscale_all_dim)²`
+    when RoPE is scaled (any `rope_type` but `default`) and `mscale_all_dim` is set, else 1.
+
+    This is `transformers`' `yarn_apply_mscale`; it compensates the attention temperature that yarn's
+    `attention_factor` (`mscale / mscale_all_dim`) leaves on cos/sin, so that long-context logits keep their scale.
+    """
+    mscale_all_dim = (getattr(hf, "rope_parameters", None) or {}).get("mscale_all_dim") or 0
+    if rope.rope_type == "default" or not mscale_all_dim:
+        return 1.0
+    return yarn_get_mscale(rope.factor, float(mscale_all_dim)) ** 2

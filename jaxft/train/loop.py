@@ -46,10 +46,11 @@ class EarlyStopper:
             raise ConfigError(f"train.early_stopping.metric={self.metric!r} is not an eval metric "
                               f"(available: {sorted(metrics)})")
         v = metrics[self.metric]
-        better = self.best is None or (v > self.best if self.mode == "max" else v < self.best)
-        if better:
+        if self.best is None or (v > self.best if self.mode == "max" else v < self.best):
             self.best, self.best_step, self.waited = v, step, 0
         else:
+            # A tie moves the best step forward (as checkpoint retention does) without resetting patience.
+            self.best_step = step if v == self.best else self.best_step
             self.waited += 1
         return self.patience is not None and self.waited >= self.patience
 

@@ -73,7 +73,7 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state, "rng": state["rng"]}
-        metrics = {"loss": loss_sum / weight, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads),
                    "lr": lr(state["step"]), "weight": aux["weight"]}
         if "correct" in aux:
             metrics["accuracy"] = aux["correct"] / weight

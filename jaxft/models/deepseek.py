@@ -1,0 +1,309 @@
+"""DeepSeek-V2 / V2-Lite / V3 / R1 (`model_type` `deepseek_v2`, `deepseek_v3`; `*ForCausalLM` in `transformers`).
+
+A pre-norm decoder whose attention is MLA (`jaxft.models.mla`) and whose MLP is dense in the first
+`first_k_dense_replace` layers and DeepSeekMoE (`jaxft.models.moe`) after:
+
+    h = x + MLA(RMSNorm(x))
+    y = h + (GatedMLP if layer < first_k_dense_replace else MoE)(RMSNorm(h))
+    logits = RMSNorm(y_L) · Wᵀ   (W = lm_head, or the input embedding when tied)
+
+What the two model types differ in, as `transformers` 5.x computes them:
+
+| | deepseek_v2 | deepseek_v3 |
+| --- | --- | --- |
+| router scores | softmax | sigmoid |
+| expert choice (`topk_method`) | greedy or group_limited_greedy | noaux_tc (with `e_score_correction_bias`) |
+| `norm_topk_prob` | must be false (transformers ignores it) | honoured |
+| RoPE pairs | interleaved, always | interleaved iff `rope_interleave` |
+| `mlp_bias` | dense MLP and shared experts | — |
+
+Both read `q_lora_rank` (null = a plain `q_proj`, as in V2-Lite), `kv_lora_rank`, `qk_nope_head_dim`,
+`qk_rope_head_dim`, `v_head_dim`, `n_group`/`topk_group`, `routed_scaling_factor`, `n_shared_experts`,
+`n_routed_experts`, `num_experts_per_tok`, `moe_intermediate_size`, `attention_bias`, `tie_word_embeddings`
+and every RoPE scaling of `jaxft.models.rope` (yarn with `mscale`/`mscale_all_dim` included). Values
+`transformers` would compute differently from DeepSeek's own code, or not at all, raise naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.hf.table import Linear, NameTable, Rule
+from jaxft.models import causal, moe, rope as rope_lib
+from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation
+from jaxft.models.mla import MLA
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class DeepseekConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope: rope_lib.Rope
+    softmax_scale: float
+    rope_interleave: bool
+    first_k_dense_replace: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    topk_method: str
+    scoring_func: str
+    n_group: int | None = None
+    topk_group: int | None = None
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    aux_loss_alpha: float = 0.0       # the checkpoint's balance-loss coefficient, a default for training
+    num_mtp_layers: int = 0           # V3 multi-token-prediction layers stored after the last layer
+    moe_impl: str = "auto"            # `jaxft.models.moe.IMPLS`
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace
+
+    @property
+    def moe_layers(self) -> int:
+        return self.num_hidden_layers - min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    @classmethod
+    def from_hf(cls, hf, *, num_labels: int | None = None, dtype: str = "float32",
+                param_dtype: str = "float32") -> "DeepseekConfig":
+        """Read a `transformers` DeepseekV2Config / DeepseekV3Config; raise naming any field jaxft cannot honour."""
+        mt = hf.model_type
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"model_type {mt!r} is not served by jaxft.models.deepseek ({MODEL_TYPES})")
+        activation(hf.hidden_act)
+        if getattr(hf, "quantization_config", None):
+            raise ValueError("unsupported quantization_config: jaxft loads float checkpoints only (dequantise "
+                             "DeepSeek-V3's FP8 weights to bfloat16 first)")
+        N = hf.num_attention_heads
+        if (hf.num_key_value_heads or N) != N:
+            raise ValueError(f"unsupported num_key_value_heads={hf.num_key_value_heads}: MLA expands its latent "
+                             f"into one key/value per query head, so it must equal num_attention_heads={N}")
+        if (getattr(hf, "moe_layer_freq", 1) or 1) != 1:
+            raise ValueError(f"unsupported moe_layer_freq={hf.moe_layer_freq}: transformers makes every layer "
+                             f"from first_k_dense_replace on an MoE layer (moe_layer_freq 1)")
+        E, k = hf.n_routed_experts, hf.num_experts_per_tok
+        if not E or not k or k > E:
+            raise ValueError(f"unsupported n_routed_experts={E}, num_experts_per_tok={k}: jaxft needs "
+                             f"1 ≤ num_experts_per_tok ≤ n_routed_experts")
+        if not hf.n_shared_experts or hf.n_shared_experts < 1:
+            raise ValueError(f"unsupported n_shared_experts={hf.n_shared_experts}: jaxft needs at least one "
+                             f"shared expert, as every DeepSeek V2/V3 checkpoint has")
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if not getattr(hf, name, None):
+                raise ValueError(f"unsupported {name}={getattr(hf, name, None)!r}: it must be a positive integer")
+        if mt == "deepseek_v2":
+            method, scoring, default_scoring = hf.topk_method, "softmax", "softmax"
+            methods = ("greedy", "group_limited_greedy")
+            if hf.norm_topk_prob:
+                raise ValueError("unsupported norm_topk_prob=True for deepseek_v2: transformers' DeepseekV2 "
+                                 "router ignores it while DeepSeek's own code renormalises; jaxft refuses to guess")
+            interleave = True
+        else:
+            method, scoring, default_scoring = getattr(hf, "topk_method", None) or "noaux_tc", "sigmoid", "sigmoid"
+            methods = ("noaux_tc",)
+            interleave = bool(hf.rope_interleave)
+        if method not in methods:
+            raise ValueError(f"unsupported topk_method={method!r} for {mt}: transformers implements {methods}")
+        given = getattr(hf, "scoring_func", None) or default_scoring
+        if given != scoring:
+            raise ValueError(f"unsupported scoring_func={given!r} for {mt}: transformers uses {scoring!r}")
+        n_group = topk_group = None
+        if method != "greedy":
+            n_group, topk_group = hf.n_group, hf.topk_group
+            if not n_group or not topk_group or E % n_group or topk_group > n_group:
+                raise ValueError(f"unsupported n_group={n_group}, topk_group={topk_group} for topk_method="
+                                 f"{method!r}: n_group must divide n_routed_experts={E} and 1 ≤ topk_group ≤ n_group")
+            if method == "noaux_tc" and E // n_group < 2:
+                raise ValueError(f"unsupported n_group={n_group}: noaux_tc scores a group by its two best experts, "
+                                 f"so each group needs ≥ 2 of the n_routed_experts={E}")
+            if k > topk_group * (E // n_group):
+                raise ValueError(f"unsupported num_experts_per_tok={k}: the topk_group={topk_group} kept groups "
+                                 f"hold only {topk_group * (E // n_group)} experts")
+        P, O = hf.qk_nope_head_dim, hf.qk_rope_head_dim
+        rope = rope_lib.rope_from_hf(hf, O)
+        if rope.dim != O:
+            raise ValueError(f"rope_parameters.partial_rotary_factor must be 1.0 for {mt} "
+                             f"(rotary width {rope.dim} ≠ qk_rope_head_dim {O})")
+        L = hf.num_hidden_layers
+        return cls(
+            model_type=mt, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size, num_hidden_layers=L, num_attention_heads=N,
+            q_lora_rank=hf.q_lora_rank or None, kv_lora_rank=hf.kv_lora_rank, qk_nope_head_dim=P,
+            qk_rope_head_dim=O, v_head_dim=hf.v_head_dim, rope=rope,
+            softmax_scale=(P + O) ** -0.5 * rope_lib.mla_softmax_mscale(hf, rope), rope_interleave=interleave,
+            first_k_dense_replace=int(hf.first_k_dense_replace or 0), n_routed_experts=E,
+            n_shared_experts=hf.n_shared_experts, num_experts_per_tok=k,
+            moe_intermediate_size=hf.moe_intermediate_size, topk_method=method, scoring_func=scoring,
+            n_group=n_group, topk_group=topk_group, norm_topk_prob=bool(hf.norm_topk_prob),
+            routed_scaling_factor=float(hf.routed_scaling_factor), hidden_act=hf.hidden_act,
+            rms_norm_eps=hf.rms_norm_eps, attention_bias=bool(hf.attention_bias),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)), attention_dropout=float(hf.attention_dropout or 0.0),
+            tie_word_embeddings=bool(hf.tie_word_embeddings), initializer_range=hf.initializer_range,
+            aux_loss_alpha=float(getattr(hf, "aux_loss_alpha", 0.0) or 0.0),
+            num_mtp_layers=int(getattr(hf, "num_nextn_predict_layers", 0) or 0) if mt == "deepseek_v3" else 0,
+            dtype=dtype, param_dtype=param_dtype)
+
+
+def _kw(cfg: DeepseekConfig) -> dict:
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DeepseekConfig, layer: int, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **_kw(cfg))
+        self.self_attn = MLA(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **_kw(cfg))
+        self.is_moe = cfg.is_moe(layer)
+        self.mlp = moe.MoE(cfg, rngs) if self.is_moe else moe.GatedMLP(cfg, cfg.intermediate_size, rngs)
+
+    def __call__(self, x, cos, sin, mask, token_mask, keys: Keys, kv=None, index=None):
+        """→ `(x, (c, k_rot), (counts [E], balance_loss []) or None for a dense layer)`."""
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, keys, kv, index)
+        x = x + a
+        h = self.post_attention_layernorm(x)
+        if not self.is_moe:
+            return x + self.mlp(h), kv, None
+        y, counts, loss = self.mlp(h, token_mask)
+        return x + y, kv, (counts, loss)
+
+
+class DeepseekModel(nnx.Module):
+    """Embeddings, the blocks and the final norm → `(h [B, T, D], (c's, k_rot's), RouterStats)`."""
+
+    def __init__(self, cfg: DeepseekConfig, rngs: nnx.Rngs):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **_kw(cfg))
+        self.rope, self.experts = cfg.rope, cfg.n_routed_experts
+
+    def __call__(self, input_ids, positions, mask, token_mask, keys: Keys, cache: causal.KVCache | None = None):
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_lib.cos_sin(self.rope, positions)
+        latents, rots, counts, losses = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (c, k_rot), stats = layer(x, cos, sin, mask, token_mask, keys, kv,
+                                         None if cache is None else cache.index)
+            latents.append(c)
+            rots.append(k_rot)
+            if stats is not None:
+                counts.append(stats[0])
+                losses.append(stats[1])
+        stats = moe.RouterStats(
+            jnp.stack(counts) if counts else jnp.zeros((0, self.experts), jnp.float32),
+            jnp.stack(losses) if losses else jnp.zeros((0,), jnp.float32))
+        return self.norm(x), (latents, rots), stats
+
+
+class DeepseekForCausalLM(nnx.Module):
+    """`logits [B, T, V]` (float32) of the next token at every position; `forward_with_router_stats` also
+    returns the MoE layers' `RouterStats` for the train step."""
+
+    task = "causal-lm"
+
+    def __init__(self, cfg: DeepseekConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = DeepseekModel(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Dense("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                 use_bias=False, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+
+    def _logits(self, h):
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def forward_with_router_stats(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
+                                  dropout_rng=None) -> tuple:
+        """`(logits [B, T, V], moe.RouterStats)`; statistics count the tokens `attention_mask` marks real."""
+        if positions is None:
+            positions = causal.default_positions(input_ids, segment_ids)
+        mask = causal.sequence_masks(input_ids, attention_mask, segment_ids, (None,))[None]
+        h, _, stats = self.model(input_ids, positions, mask, attention_mask, Keys(dropout_rng))
+        return self._logits(h), stats
+
+    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, dropout_rng=None):
+        """`attention_mask [B, T]`: 1 = token, 0 = padding; `segment_ids [B, T]`: packed document ids
+        (no attention across documents; positions restart per document unless `positions` is given)."""
+        return self.forward_with_router_stats(input_ids, attention_mask, segment_ids=segment_ids,
+                                              positions=positions, dropout_rng=dropout_rng)[0]
+
+    def init_cache(self, batch: int, length: int) -> causal.KVCache:
+        """The compressed latent cache: per layer `c [B, S, 1, kv_lora_rank]` and `k_rot [B, S, 1, qk_rope_head_dim]`."""
+        cfg = self.config
+        shape = ((1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim))
+        return causal.empty_cache(batch, length, [shape] * cfg.num_hidden_layers, jnp.dtype(cfg.dtype))
+
+    def decode(self, input_ids, positions, valid, cache: causal.KVCache):
+        """Append `input_ids [B, T]` (at `positions`, `valid` = not padding) to `cache`; logits for them."""
+        masks, cache = causal.cache_masks(cache, valid, (None,))
+        h, (c, k_rot), _ = self.model(input_ids, positions, masks[None], valid, Keys(None), cache)
+        return self._logits(h), causal.finish_cache(cache, c, k_rot, input_ids.shape[1])
+
+
+def name_table(cfg: DeepseekConfig, task: str) -> NameTable:
+    """HF `DeepseekV{2,3}ForCausalLM` names ↔ jaxft paths (the paths mirror the HF module tree).
+
+    Routed experts are stored per expert in HF (`mlp.experts.{e}.gate_proj.weight`, as `save_pretrained`
+    writes them and Hub checkpoints hold them) and stacked along the leading `expert` axis in jaxft.
+    """
+    L, A, M = "model.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+    rules = [Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
+             Rule("model.norm.weight", "model.norm.scale"),
+             Rule(L + "input_layernorm.weight", L + "input_layernorm.scale"),
+             Rule(L + "post_attention_layernorm.weight", L + "post_attention_layernorm.scale"),
+             Rule(A + "kv_a_proj_with_mqa.weight", A + "kv_a_proj_with_mqa.kernel", Linear(1)),
+             Rule(A + "kv_a_layernorm.weight", A + "kv_a_layernorm.scale"),
+             Rule(A + "kv_b_proj.weight", A + "kv_b_proj.kernel", Linear(1)),
+             Rule(A + "o_proj.weight", A + "o_proj.kernel", Linear(2))]
+    if cfg.q_lora_rank is None:
+        rules.append(Rule(A + "q_proj.weight", A + "q_proj.kernel", Linear(1)))
+    else:
+        rules += [Rule(A + "q_a_proj.weight", A + "q_a_proj.kernel", Linear(1)),
+                  Rule(A + "q_a_layernorm.weight", A + "q_a_layernorm.scale"),
+                  Rule(A + "q_b_proj.weight", A + "q_b_proj.kernel", Linear(1))]
+    if cfg.attention_bias:
+        rules += [Rule(A + f"{p}.bias", A + f"{p}.bias")
+                  for p in ("kv_a_proj_with_mqa", "o_proj") + (("q_a_proj",) if cfg.q_lora_rank else ())]
+    for mlp in ("", "shared_experts."):  # the dense layers' MLP and the MoE layers' shared experts
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            rules.append(Rule(M + mlp + f"{p}.weight", M + mlp + f"{p}.kernel", Linear(1)))
+            if cfg.mlp_bias:
+                rules.append(Rule(M + mlp + f"{p}.bias", M + mlp + f"{p}.bias"))
+    rules += [Rule(M + f"experts.{{e}}.{p}.weight", M + f"experts.{p}.kernel", Linear(1))
+              for p in ("gate_proj", "up_proj", "down_proj")]
+    rules.append(Rule(M + "gate.weight", M + "gate.kernel", Linear(1)))
+    if cfg.topk_method == "noaux_tc":
+        rules.append(Rule(M + "gate.e_score_correction_bias", M + "gate.e_score_correction_bias"))
+    ignore = [r".*rotary_emb\.inv_freq"]
+    # DeepSeek-V3 checkpoints store their multi-token-prediction module(s) as extra layers after the last
+    # one; `transformers` does not load them either.
+    ignore += [rf"model\.layers\.{cfg.num_hidden_layers + j}\..*" for j in range(cfg.num_mtp_layers)]
+    if cfg.tie_word_embeddings:
+        ignore.append(r"lm_head\.weight")  # transformers re-ties it to the embedding on load
+    else:
+        rules.append(Rule("lm_head.weight", "lm_head.kernel", Linear(1)))
+    return NameTable(rules, ignore=ignore)
