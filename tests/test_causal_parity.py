@@ -169,3 +169,20 @@ def test_unsupported_config_raises_naming_the_field(tmp_path, variant, field, va
     path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=named):
         jaxft.load_model(folder, task="causal-lm")
+
+
+@pytest.mark.parametrize("variant,overrides", [("llama-gqa-tied", {"attention_dropout": 0.2}), ("gpt2", {})])
+def test_dropout_is_seeded_and_off_in_eval(tmp_path, variant, overrides):
+    """Llama's `attention_dropout`, GPT-2's embd/attn/resid dropouts: active only with a dropout key,
+    the same masks for the same key."""
+    folder = tmp_path / "hf"
+    build_hf(variant, **overrides).save_pretrained(folder)
+    model = jaxft.load_model(folder, task="causal-lm")
+    ids, mask = padded_batch()
+    clean = model(ids, attention_mask=mask)
+    a = model(ids, attention_mask=mask, dropout_rng=jax.random.key(0))
+    b = model(ids, attention_mask=mask, dropout_rng=jax.random.key(0))
+    c = model(ids, attention_mask=mask, dropout_rng=jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert max_diff(a, clean, mask) > 1e-3 and max_diff(a, c, mask) > 1e-3
+    assert max_diff(clean, hf_logits(load_hf(folder), ids, mask), mask) <= TOL
