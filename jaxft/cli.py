@@ -23,20 +23,20 @@ def cmd_train(args) -> None:
     summary = train(cfg)
     print(json.dumps(summary, indent=2, default=str))
     for split in ("eval", "test"):
-        if summary.get(split):
-            print(f"{split} accuracy: {summary[split]['accuracy']:.4f}")
+        for name in ("accuracy", "perplexity"):
+            if summary.get(split) and name in summary[split]:
+                print(f"{split} {name}: {summary[split][name]:.4f}")
 
 
 def cmd_eval(args) -> None:
+    from transformers import AutoTokenizer
+
     from jaxft import parallel
     from jaxft.config import ConfigError, load_config
-    from jaxft.data import build_classification_data
-    from jaxft.train.evaluate import evaluate_classification
-    from jaxft.train.losses import LOSSES
     from jaxft.hf.load import resolve
     from jaxft.train.run import restore_model, setup_logging
     from jaxft.train.step import Functional, make_eval_step
-    from transformers import AutoTokenizer
+    from jaxft.train.tasks import make_task
 
     run = [o.split("=", 1)[1] for o in args.overrides if o.startswith("checkpoint=")]
     overrides = [o for o in args.overrides if not o.startswith("checkpoint=")]
@@ -45,20 +45,21 @@ def cmd_eval(args) -> None:
     cfg = load_config(args.config, overrides)
     setup_logging()
     mesh = parallel.make_mesh(cfg.mesh.model_dump())
-    model, labels, step = restore_model(run[0], cfg, mesh)
+    model, _, step = restore_model(run[0], cfg, mesh)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
-    data = build_classification_data(cfg, tokenizer, labels, splits=("validation", "test"))
+    task = make_task(cfg, tokenizer, Path(run[0]), resuming=True, splits=("validation", "test"))
     fn = Functional(model)
-    eval_step = make_eval_step(fn, LOSSES[cfg.model.task])
+    eval_step = make_eval_step(fn, task.loss)
     out = {"checkpoint_step": step}
-    for split, batches in data.splits.items():
-        out[split] = evaluate_classification(eval_step, fn.params, batches, mesh, len(labels))
+    for split in task.splits:
+        out[split] = task.evaluate(eval_step, fn.params, split, mesh)
     print(json.dumps(out, indent=2))
 
 
 def cmd_export(args) -> None:
     from transformers import AutoTokenizer
 
+    from jaxft.data import chat_template
     from jaxft.hf.export import save_pretrained
     from jaxft.hf.load import resolve
     from jaxft.train.run import restore_model, run_config, setup_logging
@@ -70,6 +71,9 @@ def cmd_export(args) -> None:
     cfg = run_config(args.run_dir)
     model, labels, step = restore_model(args.run_dir, cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
+    template = chat_template(cfg)
+    if template:  # export the chat template training used, so serving formats prompts the same way
+        tokenizer.chat_template = template
     save_pretrained(model, out, tokenizer=tokenizer, id2label=labels.id2label if labels else None)
     print(f"exported step {step} of {args.run_dir} to {out}")
 

@@ -54,12 +54,21 @@ class DataSection(Section):
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="carve validation from train")
     max_train_rows: int | None = Field(None, ge=1, description="use only the first N rows of train")
     clean: CleanSection = CleanSection()
+    on_bad_rows: Literal["skip", "error"] = "skip"
     cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/jaxft")
+    # causal-LM supervised fine-tuning (see jaxft/data/sft.py)
+    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    chat_template: str | None = Field(None, description="Jinja template, or a path to a file holding one")
+    packing: bool = False
+    truncation: Literal["right", "drop"] = "right"
 
 
 class EarlyStopping(Section):
-    metric: str = "accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = Field(None, description="default: accuracy (classification), loss (causal-lm)")
+    mode: Literal["max", "min"] | None = Field(None, description="default: min for loss/perplexity, else max")
     patience: int | None = Field(None, ge=1, description="evals without improvement before stopping")
 
 
@@ -129,6 +138,12 @@ class Config(Section):
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     output_dir: str = "runs/default"
+
+    def early_stopping(self) -> tuple[str, str]:
+        """The (metric, mode) that picks the best checkpoint, with the task's defaults filled in."""
+        es = self.train.early_stopping
+        metric = es.metric or ("accuracy" if self.model.task == "sequence-classification" else "loss")
+        return metric, es.mode or ("min" if metric in ("loss", "perplexity") else "max")
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

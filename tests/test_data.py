@@ -129,15 +129,15 @@ def test_tokenization_is_cached(tmp_path):
 
 def ragged(lengths):
     ids = np.concatenate([np.full(n, i + 1, np.int32) for i, n in enumerate(lengths)])
-    return Encoded(ids, np.zeros_like(ids), np.concatenate([[0], np.cumsum(lengths)]))
+    return Encoded({"input_ids": ids}, np.concatenate([[0], np.cumsum(lengths)]))
 
 
 def test_padding_rounds_up_to_a_multiple_and_caps_at_max_length():
-    b = Batches(ragged([3, 17, 5]), np.zeros(3, np.int32), 3, pad_id=0, max_length=20, pad_to_multiple_of=8)
+    b = Batches(ragged([3, 17, 5]), None, 3, pad_id=0, max_length=20, pad_to_multiple_of=8)
     batch = next(b.epoch())
     assert batch["input_ids"].shape == (3, 20)  # 17 → 24, capped at 20
     assert batch["attention_mask"].sum(1).tolist() == [3, 17, 5]
-    b = Batches(ragged([3, 5]), np.zeros(2, np.int32), 2, pad_id=0, max_length=20, pad_to_multiple_of=8)
+    b = Batches(ragged([3, 5]), None, 2, pad_id=0, max_length=20, pad_to_multiple_of=8)
     assert next(b.epoch())["input_ids"].shape == (2, 8)
     b.padding = "max_length"
     assert next(b.epoch())["input_ids"].shape == (2, 20)
@@ -145,7 +145,7 @@ def test_padding_rounds_up_to_a_multiple_and_caps_at_max_length():
 
 def test_shuffled_batches_are_seeded_and_resume_exactly():
     labels = np.arange(10, dtype=np.int32)
-    make = lambda: Batches(ragged([2] * 10), labels, 3, pad_id=0, max_length=4, shuffle=True, seed=7,
+    make = lambda: Batches(ragged([2] * 10), {"labels": labels}, 3, pad_id=0, max_length=4, shuffle=True, seed=7,
                            drop_remainder=True)
     straight = make()
     seq = [straight.next()["example_ids"].tolist() for _ in range(7)]
@@ -160,7 +160,7 @@ def test_shuffled_batches_are_seeded_and_resume_exactly():
 
 
 def test_eval_batches_cover_every_example_once_with_weights():
-    b = Batches(ragged([2] * 5), np.arange(5, dtype=np.int32), 2, pad_id=0, max_length=4)
+    b = Batches(ragged([2] * 5), {"labels": np.arange(5, dtype=np.int32)}, 2, pad_id=0, max_length=4)
     batches = list(b.epoch())
     assert len(batches) == 3
     assert batches[-1]["weights"].tolist() == [1.0, 0.0]

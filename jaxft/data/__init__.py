@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,8 +11,9 @@ import numpy as np
 from jaxft.config import Config
 from jaxft.data.batches import Batches
 from jaxft.data.clean import CleanReport, LabelMap, Rows, clean
+from jaxft.data.sft import SFTReport, build_sft, pack
 from jaxft.data.sources import DataError, load_table, require_column
-from jaxft.data.tokenize import cache_dir, encode
+from jaxft.data.tokenize import Encoded, cache_dir, encode
 
 log = logging.getLogger("jaxft")
 SPLITS = ("train", "validation", "test")
@@ -85,7 +87,57 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
         enc = encode(tokenizer, r.text, r.pair, d.max_length, cache, desc=f"tokenize {split}")
         is_train = split == "train"
         out.splits[split] = Batches(
-            enc, labels, cfg.train.batch_size if is_train else eval_bs, pad_id=tokenizer.pad_token_id or 0,
+            enc, {"labels": labels}, cfg.train.batch_size if is_train else eval_bs, pad_id=tokenizer.pad_token_id or 0,
             max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
             shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train)
     return out
+
+
+def chat_template(cfg: Config) -> str | None:
+    """`data.chat_template` as given, or the contents of the file it names."""
+    t = cfg.data.chat_template
+    if t is not None and "{" not in t:
+        path = Path(t).expanduser()
+        if not path.exists():
+            raise DataError(f"data.chat_template={t!r} is neither a Jinja template nor an existing file")
+        return path.read_text()
+    return t
+
+
+def build_sft_data(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS,
+                   ) -> tuple[dict[str, Batches], list[SFTReport], str | None]:
+    """Causal-LM splits: tokenized with loss masks, carved, optionally packed, batched."""
+    d = cfg.data
+    template = chat_template(cfg)
+    d = d.model_copy(update={"chat_template": template})
+    encoded: dict[str, Encoded] = {}
+    reports = []
+    for split in splits:
+        spec = getattr(d, split)
+        if spec is None:
+            continue
+        table = load_table(spec, f"data.{split}", d.max_train_rows if split == "train" else None)
+        encoded[split], report = build_sft(table, tokenizer, d, split)
+        log.info("sft %s", report.summary())
+        reports.append(report)
+    if d.validation_fraction and "train" in encoded:
+        if d.validation is not None:
+            raise DataError("set data.validation or data.validation_fraction, not both")
+        train = encoded["train"]
+        perm = np.random.default_rng(cfg.train.seed).permutation(len(train))
+        n_val = max(1, int(round(len(train) * d.validation_fraction)))
+        encoded["validation"], encoded["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    splits = {}
+    for split, enc in encoded.items():
+        if d.packing:
+            n = len(enc)
+            enc = pack(enc, d.max_length, cfg.train.seed)
+            log.info("packed %d %s examples into %d rows of ≤ %d tokens", n, split, len(enc), d.max_length)
+        is_train = split == "train"
+        splits[split] = Batches(enc, None, cfg.train.batch_size if is_train else eval_bs, pad_id=pad_id,
+                                max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
+                                shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train)
+    return splits, reports, template

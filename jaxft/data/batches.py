@@ -30,13 +30,19 @@ class Position:
 
 
 class Batches:
-    def __init__(self, enc: Encoded, labels: np.ndarray | None, batch_size: int, *, pad_id: int,
-                 max_length: int, padding: str = "longest", pad_to_multiple_of: int = 16,
+    """Batches over ragged examples (`Encoded`) plus optional per-example arrays (e.g. `labels`).
+
+    Each ragged field is padded to the batch width (`input_ids` with `pad_id`, every other field with
+    0); `attention_mask` marks real tokens, `weights` real rows, `example_ids` which examples they are.
+    """
+
+    def __init__(self, enc: Encoded, per_example: dict[str, np.ndarray] | None, batch_size: int, *,
+                 pad_id: int, max_length: int, padding: str = "longest", pad_to_multiple_of: int = 16,
                  shuffle: bool = False, seed: int = 0, drop_remainder: bool = False):
         if drop_remainder and len(enc) < batch_size:
             raise ValueError(f"the train split has {len(enc)} examples, fewer than one batch of "
                              f"train.batch_size={batch_size}")
-        self.enc, self.labels, self.batch_size = enc, labels, batch_size
+        self.enc, self.per_example, self.batch_size = enc, per_example or {}, batch_size
         self.pad_id, self.max_length, self.padding = pad_id, max_length, padding
         self.multiple, self.shuffle, self.seed, self.drop_remainder = pad_to_multiple_of, shuffle, seed, drop_remainder
         self.position = Position()
@@ -66,28 +72,30 @@ class Batches:
         for start in range(0, len(self.enc), self.batch_size):
             yield self.collate(np.arange(start, min(start + self.batch_size, len(self.enc))))
 
+    def width(self, lengths: np.ndarray) -> int:
+        if self.padding == "max_length":
+            return self.max_length
+        return min(self.max_length, -(-int(lengths.max()) // self.multiple) * self.multiple)
+
     def collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         lengths = self.enc.lengths()[idx]
-        if self.padding == "max_length":
-            width = self.max_length
-        else:
-            width = min(self.max_length, -(-int(lengths.max()) // self.multiple) * self.multiple)
-        B = self.batch_size
-        ids = np.full((B, width), self.pad_id, np.int32)
-        types = np.zeros((B, width), np.int32)
-        mask = np.zeros((B, width), np.int32)
+        B, W = self.batch_size, self.width(lengths)
+        batch = {k: np.full((B, W), self.pad_id if k == "input_ids" else 0, np.int32) for k in self.enc.fields}
+        mask = np.zeros((B, W), np.int32)
         for r, i in enumerate(idx):
-            seq, tt = self.enc.example(int(i))
-            ids[r, :len(seq)], types[r, :len(seq)], mask[r, :len(seq)] = seq, tt, 1
+            n = int(lengths[r])
+            for k, v in self.enc.example(int(i)).items():
+                batch[k][r, :n] = v
+            mask[r, :n] = 1
         if len(idx) < B:  # padding rows still attend to one token, so no row is fully masked
             mask[len(idx):, 0] = 1
-        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
-                 "weights": (np.arange(B) < len(idx)).astype(np.float32),
-                 "example_ids": np.concatenate([idx, -np.ones(B - len(idx), np.int64)]).astype(np.int64)}
-        if self.labels is not None:
-            labels = np.zeros(B, np.int32)
-            labels[:len(idx)] = self.labels[idx]
-            batch["labels"] = labels
+        batch["attention_mask"] = mask
+        batch["weights"] = (np.arange(B) < len(idx)).astype(np.float32)
+        batch["example_ids"] = np.concatenate([idx, -np.ones(B - len(idx), np.int64)]).astype(np.int64)
+        for k, v in self.per_example.items():
+            col = np.zeros((B,) + v.shape[1:], v.dtype)
+            col[:len(idx)] = v[idx]
+            batch[k] = col
         return batch
 
 

@@ -19,21 +19,51 @@ from tqdm.auto import tqdm
 
 @dataclass
 class Encoded:
-    """Ragged token ids: example `i` is `ids[offsets[i]:offsets[i+1]]` (token types alike)."""
+    """Ragged per-token fields: example `i` of field `f` is `fields[f][offsets[i]:offsets[i+1]]`.
 
-    ids: np.ndarray
-    token_types: np.ndarray
+    Classification has `input_ids` and `token_type_ids`; SFT has `input_ids`, `loss_mask` and, once
+    packed, `segment_ids` (one row then holds several documents).
+    """
+
+    fields: dict[str, np.ndarray]
     offsets: np.ndarray
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def ids(self) -> np.ndarray:
+        return self.fields["input_ids"]
+
+    def example(self, i: int) -> dict[str, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return self.ids[a:b], self.token_types[a:b]
+        return {k: v[a:b] for k, v in self.fields.items()}
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def take(self, idx) -> "Encoded":
+        rows = [self.example(int(i)) for i in idx]
+        return Encoded.from_lists({k: [r[k] for r in rows] for k in self.fields})
+
+    @classmethod
+    def from_lists(cls, rows: dict[str, list[np.ndarray]]) -> "Encoded":
+        lengths = [len(x) for x in next(iter(rows.values()))]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return cls({k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32)
+                    for k, v in rows.items()}, offsets)
+
+    def save(self, path: Path) -> None:
+        """Atomic write: a crash never leaves a half-written cache entry."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, offsets=self.offsets, **self.fields)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Encoded":
+        with np.load(path) as z:
+            return cls({k: z[k] for k in z.files if k != "offsets"}, z["offsets"])
 
 
 def cache_dir(configured: str | None) -> Path:
@@ -56,24 +86,16 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int
         h.update(t.encode() + b"\0" + (pairs[i].encode() if pairs is not None else b"") + b"\1")
     path = cache / f"{h.hexdigest()[:32]}.npz" if cache is not None else None
     if path is not None and path.exists():
-        with np.load(path) as z:
-            return Encoded(z["ids"], z["token_types"], z["offsets"])
+        return Encoded.load(path)
 
-    ids, types, lengths = [], [], []
+    rows: dict[str, list] = {"input_ids": [], "token_type_ids": []}
     for start in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", leave=False,
                       disable=len(texts) <= chunk):
         out = tokenizer(texts[start:start + chunk], pairs[start:start + chunk] if pairs is not None else None,
                         truncation=True, max_length=max_length, return_token_type_ids=True)
-        for seq, tt in zip(out["input_ids"], out["token_type_ids"]):
-            ids.append(np.asarray(seq, np.int32))
-            types.append(np.asarray(tt, np.int32))
-            lengths.append(len(seq))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    enc = Encoded(np.concatenate(ids) if ids else np.zeros(0, np.int32),
-                  np.concatenate(types) if types else np.zeros(0, np.int32), offsets)
+        rows["input_ids"] += [np.asarray(x, np.int32) for x in out["input_ids"]]
+        rows["token_type_ids"] += [np.asarray(x, np.int32) for x in out["token_type_ids"]]
+    enc = Encoded.from_lists(rows)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, ids=enc.ids, token_types=enc.token_types, offsets=enc.offsets)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
+        enc.save(path)
     return enc

@@ -20,14 +20,12 @@ from tqdm.auto import tqdm
 
 from jaxft import parallel
 from jaxft.config import Config, ConfigError, save_config
-from jaxft.data import build_classification_data
 from jaxft.data.batches import Position, to_device
 from jaxft.hf.load import load_model, resolve
 from jaxft.optim import make_optimizer
-from jaxft.train.evaluate import evaluate_classification
 from jaxft.train.logger import RunLogger
-from jaxft.train.losses import LOSSES
-from jaxft.train.run import checkpoints_of, read_labels, setup_logging, write_json
+from jaxft.train.run import checkpoints_of, setup_logging
+from jaxft.train.tasks import make_task, param_count
 from jaxft.train.step import Functional, init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("jaxft")
@@ -73,8 +71,6 @@ def check_batch(cfg: Config, mesh) -> None:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) a fine-tuning run; returns the final eval/test metrics."""
-    if cfg.model.task != "sequence-classification":
-        raise ConfigError(f"model.task={cfg.model.task!r}: `jaxft train` supports sequence-classification")
     if cfg.data.train is None:
         raise ConfigError("data.train is required for training")
     run_dir = Path(cfg.output_dir)
@@ -88,37 +84,34 @@ def train(cfg: Config) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ckpts = checkpoints_of(run_dir, cfg)
     resume_step = ckpts.latest_step() if cfg.checkpoint.resume else None
-    data = build_classification_data(cfg, tokenizer, read_labels(run_dir) if resume_step else None)
+    task = make_task(cfg, tokenizer, run_dir, resuming=resume_step is not None)
     if jax.process_index() == 0:
         save_config(cfg, run_dir / "config.yaml")
-    write_json(run_dir / "labels.json", data.label_map.to_json())
-    write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in data.reports])
 
-    batches = data.splits["train"]
+    batches = task.splits["train"]
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(batches)))
-    model = load_model(model_dir, cfg.model.task, num_labels=len(data.label_map), dtype=cfg.model.dtype,
-                       param_dtype=cfg.model.param_dtype, mesh=mesh, seed=cfg.train.seed)
+    model = load_model(model_dir, cfg.model.task, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                       mesh=mesh, seed=cfg.train.seed, **task.model_kwargs)
     fn = Functional(model)
     tx, lr = make_optimizer(cfg.optim, total)
     state = init_state(fn, tx, cfg.train.seed)
-    es = cfg.train.early_stopping
-    stopper = EarlyStopper(es.metric, es.mode, es.patience)
+    metric, mode = cfg.early_stopping()
+    patience = cfg.train.early_stopping.patience
+    stopper = EarlyStopper(metric, mode, patience)
     if resume_step is not None:
         restored, meta = ckpts.restore(resume_step, {"params": state["params"],
                                                      "train": {k: v for k, v in state.items() if k != "params"}})
         state = {"params": restored["params"], **restored["train"]}
         batches.position = Position(**meta["data"])
-        stopper = EarlyStopper(es.metric, es.mode, es.patience, **meta["early_stopping"])
+        stopper = EarlyStopper(metric, mode, patience, **meta["early_stopping"])
         log.info("resumed from step %d of %s", resume_step, run_dir)
 
-    loss_fn = LOSSES[cfg.model.task]
-    train_step = make_train_step(fn, loss_fn, tx, lr, cfg.train.grad_accum)
-    eval_step = make_eval_step(fn, loss_fn)
+    train_step = make_train_step(fn, task.loss, tx, lr, cfg.train.grad_accum)
+    eval_step = make_eval_step(fn, task.loss)
     logger = RunLogger(run_dir)
-    n_classes = len(data.label_map)
 
     def evaluate(split: str, params) -> dict:
-        m = evaluate_classification(eval_step, params, data.splits[split], mesh, n_classes)
+        m = task.evaluate(eval_step, params, split, mesh)
         logger.write(step, "eval" if split == "validation" else split, m)
         log.info("step %d %s: %s", step, split, _fmt(m))
         return m
@@ -130,37 +123,37 @@ def train(cfg: Config) -> dict:
 
     step = int(resume_step or 0)
     log.info("training %d steps (%.2f epochs of %d batches), %d parameters", total - step,
-             (total - step) / len(batches), len(batches), sum(int(np.prod(p.shape)) for p in fn.params.values()))
+             (total - step) / len(batches), len(batches), param_count(fn.params))
     pending, t0, seen = [], time.perf_counter(), 0
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=None if jax.process_index() == 0 else True)
     stop, last_eval = False, None
     every_ckpt = cfg.checkpoint.every
     while step < total and not stop:
-        state, metrics = train_step(state, to_device(batches.next(), mesh))
+        batch = batches.next()
+        seen += int(batch["weights"].sum())
+        state, metrics = train_step(state, to_device(batch, mesh))
         step += 1
         pending.append(metrics)
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total:
             host = jax.device_get(pending)  # the only host sync between logs
-            seen += sum(float(m["weight"]) for m in host)
-            elapsed = time.perf_counter() - t0
-            row = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "weight"}
-            row["lr"] = float(host[-1]["lr"])
-            row["examples_per_s"] = seen / elapsed
+            sums = {k: float(np.sum([m[k] for m in host])) for k in host[0]}
+            row = {**task.train_metrics(sums, len(host)), "lr": float(host[-1]["lr"]),
+                   "examples_per_s": seen / (time.perf_counter() - t0)}
             logger.write(step, "train", row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ex_s=f"{row['examples_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
             if bar.disable:
                 log.info("step %d/%d train: %s", step, total, _fmt(row))
             pending = []
-        eval_now = "validation" in data.splits and (
+        eval_now = "validation" in task.splits and (
             step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
         last_eval = evaluate("validation", state["params"]) if eval_now else None
         if last_eval is not None:
             stop = stopper.update(step, last_eval)
             if stop:
                 log.info("early stopping at step %d: %s has not improved for %d evals (best %.4f at step %d)",
-                         step, es.metric, stopper.waited, stopper.best, stopper.best_step)
+                         step, metric, stopper.waited, stopper.best, stopper.best_step)
         if step == total or stop or (every_ckpt and step % every_ckpt == 0) or (not every_ckpt and eval_now):
             checkpoint(last_eval)
     bar.close()
@@ -170,7 +163,7 @@ def train(cfg: Config) -> dict:
     if last_eval is not None or stopper.best is not None:
         summary["eval"] = last_eval
         summary["best"] = stopper.to_json()
-    if "test" in data.splits:
+    if "test" in task.splits:
         params = state["params"]
         if stopper.best_step is not None and stopper.best_step != step:
             params = ckpts.restore(stopper.best_step, {"params": params})[0]["params"]

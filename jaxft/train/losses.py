@@ -23,3 +23,22 @@ def classification_loss(model, batch, dropout_rng):
 
 
 LOSSES = {"sequence-classification": classification_loss}
+
+
+def causal_lm_loss(model, batch, dropout_rng):
+    """Next-token cross-entropy on the tokens whose `loss_mask` is 1.
+
+    Position t predicts token t+1; a target counts when it is trained (`loss_mask`), real, and in the
+    same packed document as its input (`segment_ids`; unpacked rows use the attention mask as their
+    single segment, so padding is never a target).
+    """
+    ids, seg = batch["input_ids"], batch.get("segment_ids", batch["attention_mask"])
+    logits = model(ids, attention_mask=batch["attention_mask"], segment_ids=seg, dropout_rng=dropout_rng)
+    target_ok = (batch["loss_mask"][:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    w = target_ok.astype(jnp.float32) * batch["weights"][:, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    return jnp.sum(ce * w), {"weight": jnp.sum(w), "tokens": jnp.sum(batch["attention_mask"] * batch["weights"][:, None]),
+                             "slots": jnp.asarray(ids.size, jnp.float32)}
+
+
+LOSSES["causal-lm"] = causal_lm_loss

@@ -65,8 +65,8 @@ def run_config(run_dir: str | Path) -> Config:
 
 
 def checkpoints_of(run_dir: Path, cfg: Config, read_only: bool = False) -> Checkpoints:
-    es = cfg.train.early_stopping
-    return Checkpoints(run_dir, keep=cfg.checkpoint.keep, metric=es.metric, mode=es.mode, read_only=read_only)
+    metric, mode = cfg.early_stopping()
+    return Checkpoints(run_dir, keep=cfg.checkpoint.keep, metric=metric, mode=mode, read_only=read_only)
 
 
 def restore_model(run_dir: str | Path, cfg: Config | None = None, mesh=None, step: int | None = None):

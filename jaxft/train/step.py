@@ -73,10 +73,9 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state, "rng": state["rng"]}
-        metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads),
-                   "lr": lr(state["step"]), "weight": aux["weight"]}
-        if "correct" in aux:
-            metrics["accuracy"] = aux["correct"] / weight
+        # Per-step loss and norms, plus the raw sums of the loss function (weight, correct, tokens, ...)
+        # so that logging windows can be reduced exactly.
+        metrics = {**aux, "loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"])}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)

@@ -1,0 +1,89 @@
+"""What differs between tasks, behind one small interface the loop uses:
+
+    task.splits             {"train" | "validation" | "test": Batches}
+    task.model_kwargs       extra `load_model` arguments (e.g. num_labels)
+    task.loss               the loss function (jaxft.train.losses)
+    task.train_metrics(s)   log metrics from step-metric sums over a logging window
+    task.evaluate(...)      metrics over a whole split
+    task.export_kwargs      extra `save_pretrained` arguments (labels, chat template)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from jaxft.config import Config
+from jaxft.data import SPLITS, build_classification_data, build_sft_data
+from jaxft.data.batches import Batches, to_device
+from jaxft.train.evaluate import evaluate_classification
+from jaxft.train.losses import causal_lm_loss, classification_loss
+from jaxft.train.run import read_labels, write_json
+
+log = logging.getLogger("jaxft")
+
+
+class ClassificationTask:
+    loss = staticmethod(classification_loss)
+
+    def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
+        data = build_classification_data(cfg, tokenizer, read_labels(run_dir) if resuming else None, splits)
+        self.label_map, self.splits = data.label_map, data.splits
+        if "train" in splits:  # a training run records its label map and data report
+            write_json(run_dir / "labels.json", data.label_map.to_json())
+            write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in data.reports])
+        self.model_kwargs = {"num_labels": len(self.label_map)}
+        self.export_kwargs = {"id2label": self.label_map.id2label}
+
+    @staticmethod
+    def train_metrics(s: dict, n_steps: int) -> dict:
+        return {"loss": s["loss"] / n_steps, "accuracy": s["correct"] / s["weight"],
+                "grad_norm": s["grad_norm"] / n_steps}
+
+    def evaluate(self, eval_step, params, split: str, mesh) -> dict:
+        return evaluate_classification(eval_step, params, self.splits[split], mesh, len(self.label_map))
+
+
+class CausalLMTask:
+    loss = staticmethod(causal_lm_loss)
+    model_kwargs: dict = {}
+
+    def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
+        self.splits, reports, template = build_sft_data(cfg, tokenizer, splits)
+        if "train" in splits:
+            write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in reports])
+        self.export_kwargs = {"chat_template": template} if template else {}
+
+    @staticmethod
+    def train_metrics(s: dict, n_steps: int) -> dict:
+        return {"loss": s["loss"] / n_steps, "grad_norm": s["grad_norm"] / n_steps,
+                "trained_tokens_per_step": s["weight"] / n_steps, "padding_fraction": 1 - s["tokens"] / s["slots"]}
+
+    def evaluate(self, eval_step, params, split: str, mesh) -> dict:
+        return evaluate_causal_lm(eval_step, params, self.splits[split], mesh)
+
+
+def evaluate_causal_lm(eval_step, params, batches: Batches, mesh) -> dict:
+    """Token-mean next-token loss over the split, and its perplexity exp(loss)."""
+    loss, tokens = 0.0, 0.0
+    for batch in batches.epoch():
+        loss_sum, aux = eval_step(params, to_device(batch, mesh))
+        loss += float(loss_sum)
+        tokens += float(aux["weight"])
+    mean = loss / max(tokens, 1.0)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": int(tokens)}
+
+
+TASKS = {"sequence-classification": ClassificationTask, "causal-lm": CausalLMTask}
+
+
+def make_task(cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
+    """The task of `cfg.model.task` with its data built; `splits` limits which splits are read."""
+    return TASKS[cfg.model.task](cfg, tokenizer, run_dir, resuming, splits)
+
+
+def param_count(params: dict) -> int:
+    return sum(int(np.prod(p.shape)) for p in params.values())
