@@ -47,9 +47,9 @@ def default_positions(input_ids: Array, segment_ids: Array | None) -> Array:
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
 
-def attention_mask(q_slots: Array, kv_slots: Array, kv_valid: Array | None = None,
-                   q_segments: Array | None = None, kv_segments: Array | None = None,
-                   window: int | None = None) -> Array:
+def slot_mask(q_slots: Array, kv_slots: Array, kv_valid: Array | None = None,
+              q_segments: Array | None = None, kv_segments: Array | None = None,
+              window: int | None = None) -> Array:
     """Boolean `[B, 1, T, S]` mask (True = may attend) for queries at `q_slots [T]` and keys at `kv_slots [S]`.
 
     `kv_valid [B, S]`: key is a real token; `q_segments [B, T]`, `kv_segments [B, S]`: packed document ids.
@@ -66,11 +66,11 @@ def attention_mask(q_slots: Array, kv_slots: Array, kv_valid: Array | None = Non
     return mask
 
 
-def sequence_masks(input_ids: Array, attention_mask_: Array | None, segment_ids: Array | None,
+def sequence_masks(input_ids: Array, attention_mask: Array | None, segment_ids: Array | None,
                    windows) -> dict:
     """`{window: mask}` for a full-sequence call; `windows` holds `None` (full attention) and window sizes."""
     slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-    return {w: attention_mask(slots, slots, attention_mask_, segment_ids, segment_ids, w) for w in windows}
+    return {w: slot_mask(slots, slots, attention_mask, segment_ids, segment_ids, w) for w in windows}
 
 
 class KVCache(NamedTuple):
@@ -95,7 +95,7 @@ def cache_masks(cache: KVCache, valid: Array, windows) -> tuple[dict, KVCache]:
     kv_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool), (0, cache.index))
     q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
     kv_slots = jnp.arange(S, dtype=jnp.int32)
-    masks = {w: attention_mask(q_slots, kv_slots, kv_valid, window=w) for w in windows}
+    masks = {w: slot_mask(q_slots, kv_slots, kv_valid, window=w) for w in windows}
     return masks, cache._replace(valid=kv_valid)
 
 
@@ -106,4 +106,5 @@ def write(buffer: Array, new: Array, index: Array) -> Array:
 
 
 def finish_cache(cache: KVCache, keys, values, steps: int) -> KVCache:
+    """The cache after a call that wrote `steps` tokens into the (already updated) buffers `keys`, `values`."""
     return cache._replace(keys=tuple(keys), values=tuple(values), index=cache.index + steps)
