@@ -161,15 +161,16 @@ def build_sft(table: dict[str, list], tokenizer, d, split: str) -> tuple[Encoded
                 raise DataError(f"data.{split}, row {r + 1}: {e}") from e
             report.drop(str(e).split(",")[0].split(":")[0], r + 1)
             continue
-        if len(ids) > d.max_length:
+        truncated = len(ids) > d.max_length
+        if truncated:
             if d.truncation == "drop":
                 report.drop("longer than max_length", r + 1)
                 continue
             ids, mask = ids[:d.max_length], mask[:d.max_length]
-            report.truncated += 1
         if not any(mask[1:]):  # the first token is never a target
             report.drop("no trained token within max_length (prompt too long)", r + 1)
             continue
+        report.truncated += truncated
         rows["input_ids"].append(np.asarray(ids, np.int32))
         rows["loss_mask"].append(np.asarray(mask, np.int32))
     if not rows["input_ids"]:
