@@ -3,6 +3,7 @@
     jaxft train CONFIG.yaml [key.sub=value ...]
     jaxft eval CONFIG.yaml checkpoint=RUN_DIR [key.sub=value ...]
     jaxft export RUN_DIR OUT_DIR [--overwrite]
+    jaxft generate MODEL_DIR|RUN_DIR --prompt "..." [--max-new-tokens --temperature --top-p --seed --chat]
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ def cmd_export(args) -> None:
     print(f"exported step {step} of {args.run_dir} to {out}")
 
 
+def cmd_generate(args) -> None:
+    from jaxft.generate import generate_text
+    from jaxft.train.run import setup_logging
+
+    setup_logging()
+    print(generate_text(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxft", description="Fine-tune HF transformers with JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out_dir")
     x.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR")
     x.set_defaults(func=cmd_export)
+    g = sub.add_parser("generate", help="continue a prompt with a causal LM (HF folder or run directory)")
+    g.add_argument("model_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="render the prompt as a user turn of the chat template")
+    g.set_defaults(func=cmd_generate)
     return p
 
 

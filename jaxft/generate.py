@@ -158,21 +158,43 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int = 32, temperature
     return np.asarray(out)[:, : int(steps)]
 
 
-def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0) -> str:
-    """Load an HF folder (weights + tokenizer), continue `prompt`, return the new text.
+def load_for_generation(model_dir: str):
+    """`(model, tokenizer)` from an HF folder, or from a jaxft run directory (its best, else latest,
+    checkpoint, with the chat template the run trained with)."""
+    from pathlib import Path
 
-    Stops at the eos ids of the folder's `generation_config.json` (else `config.json`, else the
-    tokenizer's eos token); special tokens are left out of the returned text.
-    """
     from transformers import AutoTokenizer
 
     from jaxft.hf.load import load_model, resolve
 
+    if (Path(model_dir) / "config.yaml").exists():
+        from jaxft.data import chat_template
+        from jaxft.train.run import restore_model, run_config
+
+        cfg = run_config(model_dir)
+        model, _, _ = restore_model(model_dir, cfg)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
+        tokenizer.chat_template = chat_template(cfg) or tokenizer.chat_template
+        return model, tokenizer
     folder = resolve(model_dir)
-    model = load_model(folder, task="causal-lm")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    ids = tokenizer(prompt, return_tensors="np")["input_ids"]
+    return load_model(folder, task="causal-lm"), AutoTokenizer.from_pretrained(str(folder))
+
+
+def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, chat: bool = False) -> str:
+    """Load an HF folder or run directory, continue `prompt`, return the new text.
+
+    With `chat`, the prompt is one user turn rendered with the chat template and its generation prompt.
+    Stops at the eos ids of the folder's `generation_config.json` (else `config.json`, else the
+    tokenizer's eos token); special tokens are left out of the returned text.
+    """
+    model, tokenizer = load_for_generation(model_dir)
+    if chat:
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = np.asarray([list(out["input_ids"] if hasattr(out, "keys") else out)], np.int32)
+    else:
+        ids = tokenizer(prompt, return_tensors="np")["input_ids"]
     eos = default_eos(model) or ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
     new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    seed=seed, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)

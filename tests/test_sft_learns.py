@@ -55,3 +55,17 @@ def test_chat_sft_learns_a_mapping(tmp_path, capsys):
     gen = transformers.GenerationConfig.from_pretrained(tmp_path / "export")
     assert gen.eos_token_id == tok.eos_token_id
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export").chat_template == tok.chat_template
+
+
+@pytest.mark.slow
+def test_generate_cli_from_a_run_directory(tmp_path, capsys):
+    folder = save_tiny_llama(tmp_path / "tiny")
+    rows = [{"prompt": f"map {w}", "completion": d} for _ in range(4) for w, d in PAIRS.items()]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs" / "sft_tiny.yaml"), f"model.name_or_path={folder}",
+                 "data.format=prompt_completion", "data.packing=false", f"data.train={tmp_path / 'rows.jsonl'}",
+                 f"output_dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "map w5", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == PAIRS["w5"]
