@@ -70,12 +70,20 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
                 body, zeros, (jnp.arange(grad_accum), _split_micro(batch, grad_accum)))
         weight = jnp.maximum(aux["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
+        loss, grad_norm = loss_sum / weight, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state, "rng": state["rng"]}
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were
+        # (the step counter and the data still advance), and the consecutive-bad-step count grows.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
+                     "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"],
+                     "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1)}
         # Per-step loss and norms, plus the raw sums of the loss function (weight, correct, tokens, ...)
         # so that logging windows can be reduced exactly.
-        metrics = {**aux, "loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"])}
+        metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": lr(state["step"]),
+                   "finite": finite.astype(jnp.float32), "bad_steps": new_state["bad_steps"]}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -89,4 +97,4 @@ def make_eval_step(fn: Functional, loss_fn: Callable) -> Callable:
 def init_state(fn: Functional, tx: optax.GradientTransformation, seed: int) -> dict:
     params = fn.params
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params),
-            "rng": jax.random.key_data(jax.random.key(seed))}
+            "rng": jax.random.key_data(jax.random.key(seed)), "bad_steps": jnp.zeros((), jnp.int32)}
