@@ -180,7 +180,7 @@ def test_router_can_be_frozen_by_path():
 
 
 def test_block_size():
-    assert moe.block_size(8192, 64) == 32 and moe.block_size(8192, 8) == 128
+    assert moe.block_size(8192, 64) == 64 and moe.block_size(8192, 8) == 128
     assert moe.block_size(6, 64) == 1 and moe.block_size(1, 8) == 1
 
 

@@ -146,13 +146,14 @@ class Experts(nnx.Module):
 
 
 def block_size(rows: int, experts: int) -> int:
-    """Rows per block for `blocks`: the largest power of two ≤ R / (4·min(E, R)), clipped to [1, 128].
+    """Rows per block for `blocks`: the largest power of two ≤ R / (2·min(E, R)), clipped to [1, 128].
 
-    So the padding (≤ b−1 rows per non-empty expert) stays below a quarter of the R real rows, while the
-    blocks stay large enough that the per-block weight gathers are few.
+    The static shape holds R + min(E, R)·b rows (each non-empty expert may leave one block partly empty),
+    so this bounds the padding by half the R real rows; halving b again would cut it to a quarter but
+    double the per-block weight gathers, which cost more on CPU (measured with scripts/bench_moe.py).
     """
     m = max(1, min(experts, rows))
-    return int(min(128, 2 ** math.floor(math.log2(max(1, rows // (4 * m))))))
+    return int(min(128, 2 ** math.floor(math.log2(max(1, rows // (2 * m))))))
 
 
 def _ffn_ragged(xs, sizes, gate, up, down, act):
