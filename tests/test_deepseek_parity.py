@@ -257,6 +257,23 @@ def test_training_step_lowers_loss_and_reports_router_stats(tmp_path):
                                   bias_before)
 
 
+def test_packed_equals_unpacked(tmp_path):
+    """Two documents packed in one row (segment ids, positions restarting) get the logits they get alone;
+    the router statistics count the real tokens only."""
+    model = jaxft.load_model(save_hf("v3", tmp_path / "hf"), task="causal-lm")
+    rng = np.random.RandomState(0)
+    docs = [rng.randint(3, VOCAB, n).astype(np.int32) for n in (13, 17)]
+    row = np.concatenate(docs + [np.zeros(4, np.int32)])[None]
+    seg = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(4)])[None].astype(np.int32)
+    logits, stats = model.forward_with_router_stats(row, attention_mask=(seg > 0).astype(np.int32), segment_ids=seg)
+    assert float(stats.counts[0].sum()) == 2 * 30
+    start = 0
+    for d in docs:
+        d_max = max_diff(logits[:, start:start + len(d)], model(d[None]))
+        assert d_max <= 1e-5, d_max
+        start += len(d)
+
+
 def test_mtp_layers_in_checkpoint_are_ignored(tmp_path):
     """DeepSeek-V3 checkpoints carry their multi-token-prediction layer after the last one; like
     transformers, jaxft skips it."""
