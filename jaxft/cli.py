@@ -117,9 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxft.train.faults import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Diverged, Preempted
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except Preempted as e:
+        print(f"jaxft {args.command}: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except Diverged as e:
+        print(f"jaxft {args.command}: error: {e}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
     except (*USER_ERRORS, FileExistsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"jaxft {args.command}: error: {msg}", file=sys.stderr)

@@ -100,6 +100,10 @@ class TrainSection(Section):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     early_stopping: EarlyStopping = EarlyStopping()
+    max_bad_steps: int = Field(10, ge=1, description="non-finite steps in a row before the run stops")
+    spike_factor: float | None = Field(3.0, gt=1, description="warn when loss > factor × running median")
+    stop_at_step: int | None = Field(None, ge=1, description="checkpoint and exit at this step (resumable)")
+    log_batches: bool = Field(False, description="write the example ids of every step to batches.jsonl")
 
     @model_validator(mode="after")
     def _accum_divides(self):
@@ -128,6 +132,7 @@ class CheckpointSection(Section):
     every: int | None = Field(None, ge=1, description="steps between checkpoints; default: each eval")
     keep: int = Field(2, ge=1, description="latest checkpoints kept (the best is kept as well)")
     resume: bool = True
+    allow_changes: bool = Field(False, description="resume even if math-changing settings differ")
 
 
 class Config(Section):
@@ -138,6 +143,17 @@ class Config(Section):
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     output_dir: str = "runs/default"
+
+    @model_validator(mode="after")
+    def _task_fields(self):
+        if self.model.task == "causal-lm":
+            for key, value in (("model.num_labels", self.model.num_labels),
+                               ("data.text_pair_field", self.data.text_pair_field)):
+                if value is not None:
+                    raise ValueError(f"{key} applies to sequence-classification, not model.task=causal-lm")
+        elif self.data.packing:
+            raise ValueError("data.packing applies to model.task=causal-lm")
+        return self
 
     def early_stopping(self) -> tuple[str, str]:
         """The (metric, mode) that picks the best checkpoint, with the task's defaults filled in."""

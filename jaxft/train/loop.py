@@ -1,16 +1,23 @@
 """`jaxft train`: the training loop.
 
 One jitted step per batch, no host sync between logs: step metrics stay on the device until
-`train.log_every`, when they are averaged and written. Evaluation every `train.eval_every` steps and
+`train.log_every`, when they are reduced and written. Evaluation every `train.eval_every` steps and
 at the end; checkpoints every `checkpoint.every` steps (default: at each eval) and at the end; early
-stopping on `train.early_stopping`. Re-running the same command in the same run directory resumes
-from its latest checkpoint, with the data iterator where it was.
+stopping on `train.early_stopping`.
+
+Re-running the same command in the same run directory resumes from its latest checkpoint with the
+data iterator where it was, so the resumed run sees exactly the batches the uninterrupted one would
+have; a config that changes the math is refused (see `faults.config_changes`). SIGTERM/SIGINT
+checkpoint at the next step boundary and exit with code 75; non-finite steps are skipped, and too
+many in a row stop the run with a checkpoint of the last good state (exit code 3).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -21,12 +28,13 @@ from tqdm.auto import tqdm
 from jaxft import parallel
 from jaxft.config import Config, ConfigError, save_config
 from jaxft.data.batches import Position, to_device
-from jaxft.hf.load import load_model, resolve
+from jaxft.hf.load import load_model, read_hf_config, resolve
 from jaxft.optim import make_optimizer
+from jaxft.train.faults import Diverged, Preempted, PreemptionGuard, SpikeDetector, config_changes
 from jaxft.train.logger import RunLogger
 from jaxft.train.run import checkpoints_of, setup_logging
-from jaxft.train.tasks import make_task, param_count
 from jaxft.train.step import Functional, init_state, make_eval_step, make_train_step
+from jaxft.train.tasks import make_task, param_count
 
 log = logging.getLogger("jaxft")
 
@@ -69,109 +77,187 @@ def check_batch(cfg: Config, mesh) -> None:
              dict(mesh.shape), cfg.train.batch_size, dp, cfg.train.grad_accum, cfg.train.batch_size // per)
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) a fine-tuning run; returns the final eval/test metrics."""
-    if cfg.data.train is None:
-        raise ConfigError("data.train is required for training")
-    run_dir = Path(cfg.output_dir)
-    setup_logging(run_dir)
-    mesh = parallel.make_mesh(cfg.mesh.model_dump())
-    check_batch(cfg, mesh)
+def _fault_steps() -> set[int]:
+    """Test hook: `JAXFT_FAULT_NAN_STEPS=3,4` poisons those steps' batches (their weights become NaN)."""
+    return {int(s) for s in os.environ.get("JAXFT_FAULT_NAN_STEPS", "").split(",") if s.strip()}
 
-    from transformers import AutoTokenizer
 
-    model_dir = resolve(cfg.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    ckpts = checkpoints_of(run_dir, cfg)
-    resume_step = ckpts.latest_step() if cfg.checkpoint.resume else None
-    task = make_task(cfg, tokenizer, run_dir, resuming=resume_step is not None)
-    if jax.process_index() == 0:
-        save_config(cfg, run_dir / "config.yaml")
+class Trainer:
+    def __init__(self, cfg: Config):
+        if cfg.data.train is None:
+            raise ConfigError("data.train is required for training")
+        self.cfg, self.run_dir = cfg, Path(cfg.output_dir)
+        setup_logging(self.run_dir)
+        self.mesh = parallel.make_mesh(cfg.mesh.model_dump())
+        check_batch(cfg, self.mesh)
 
-    batches = task.splits["train"]
-    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(batches)))
-    model = load_model(model_dir, cfg.model.task, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                       mesh=mesh, seed=cfg.train.seed, **task.model_kwargs)
-    fn = Functional(model)
-    tx, lr = make_optimizer(cfg.optim, total)
-    state = init_state(fn, tx, cfg.train.seed)
-    metric, mode = cfg.early_stopping()
-    patience = cfg.train.early_stopping.patience
-    stopper = EarlyStopper(metric, mode, patience)
-    if resume_step is not None:
-        restored, meta = ckpts.restore(resume_step, {"params": state["params"],
-                                                     "train": {k: v for k, v in state.items() if k != "params"}})
-        state = {"params": restored["params"], **restored["train"]}
-        batches.position = Position(**meta["data"])
-        stopper = EarlyStopper(metric, mode, patience, **meta["early_stopping"])
-        log.info("resumed from step %d of %s", resume_step, run_dir)
+        from transformers import AutoTokenizer
 
-    train_step = make_train_step(fn, task.loss, tx, lr, cfg.train.grad_accum)
-    eval_step = make_eval_step(fn, task.loss)
-    logger = RunLogger(run_dir)
+        model_dir = resolve(cfg.model.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        vocab = getattr(read_hf_config(model_dir), "vocab_size", None)
+        if vocab is not None and len(tokenizer) > vocab:
+            raise ConfigError(f"the tokenizer of {model_dir} has {len(tokenizer)} tokens but the model's "
+                              f"vocab_size is {vocab}: ids past the embedding table would be out of range")
+        self.ckpts = checkpoints_of(self.run_dir, cfg)
+        resume = self.ckpts.latest_step() if cfg.checkpoint.resume else None
+        if resume is not None:
+            self._check_resume_config(self.ckpts.meta(resume))
+        self.task = make_task(cfg, tokenizer, self.run_dir, resuming=resume is not None)
+        if jax.process_index() == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+            if not (self.run_dir / "tokenizer").exists():
+                tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
 
-    def evaluate(split: str, params) -> dict:
-        m = task.evaluate(eval_step, params, split, mesh)
-        logger.write(step, "eval" if split == "validation" else split, m)
-        log.info("step %d %s: %s", step, split, _fmt(m))
+        self.batches = self.task.splits["train"]
+        self.total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(self.batches)))
+        model = load_model(model_dir, cfg.model.task, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                           mesh=self.mesh, seed=cfg.train.seed, **self.task.model_kwargs)
+        self.fn = Functional(model)
+        tx, lr = make_optimizer(cfg.optim, self.total)
+        self.state = init_state(self.fn, tx, cfg.train.seed)
+        self.metric, mode = cfg.early_stopping()
+        patience = cfg.train.early_stopping.patience
+        self.stopper = EarlyStopper(self.metric, mode, patience)
+        if resume is not None:
+            target = {"params": self.state["params"], "train": {k: v for k, v in self.state.items() if k != "params"}}
+            restored, meta = self.ckpts.restore(resume, target)
+            self.state = {"params": restored["params"], **restored["train"]}
+            self.batches.position = Position(**meta["data"])
+            self.stopper = EarlyStopper(self.metric, mode, patience, **meta["early_stopping"])
+            log.info("resumed from step %d of %s", resume, self.run_dir)
+        self.step = int(resume or 0)
+        self.train_step = make_train_step(self.fn, self.task.loss, tx, lr, cfg.train.grad_accum)
+        self.eval_step = make_eval_step(self.fn, self.task.loss)
+        self.logger = RunLogger(self.run_dir)
+        self.spikes = SpikeDetector(cfg.train.spike_factor)
+
+    def _check_resume_config(self, meta: dict) -> None:
+        saved = meta.get("config")
+        changes = config_changes(saved, self.cfg.to_dict()) if saved else []
+        if not changes:
+            return
+        if not self.cfg.checkpoint.allow_changes:
+            raise ConfigError(f"{self.run_dir} holds a run whose config differs in settings that change the "
+                              f"math: {'; '.join(changes)}. Use another output_dir, restore the settings, or "
+                              f"pass checkpoint.allow_changes=true to resume anyway")
+        log.warning("resuming with changed settings (checkpoint.allow_changes): %s", "; ".join(changes))
+
+    def evaluate(self, split: str, params) -> dict:
+        m = self.task.evaluate(self.eval_step, params, split, self.mesh)
+        self.logger.write(self.step, "eval" if split == "validation" else split, m)
+        log.info("step %d %s: %s", self.step, split, _fmt(m))
         return m
 
-    def checkpoint(metrics: dict | None) -> None:
-        meta = {"data": batches.position.to_json(), "metrics": metrics, "early_stopping": stopper.to_json(),
-                "total_steps": total}
-        ckpts.save(step, state, meta, metrics)
+    def checkpoint(self, metrics: dict | None) -> None:
+        meta = {"data": self.batches.position.to_json(), "metrics": metrics, "total_steps": self.total,
+                "early_stopping": self.stopper.to_json(), "config": self.cfg.to_dict()}
+        self.ckpts.save(self.step, self.state, meta, metrics)
 
-    step = int(resume_step or 0)
-    log.info("training %d steps (%.2f epochs of %d batches), %d parameters", total - step,
-             (total - step) / len(batches), len(batches), param_count(fn.params))
-    pending, t0, seen = [], time.perf_counter(), 0
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=None if jax.process_index() == 0 else True)
-    stop, last_eval = False, None
-    every_ckpt = cfg.checkpoint.every
-    while step < total and not stop:
-        batch = batches.next()
-        seen += int(batch["weights"].sum())
-        state, metrics = train_step(state, to_device(batch, mesh))
-        step += 1
-        pending.append(metrics)
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == total:
-            host = jax.device_get(pending)  # the only host sync between logs
-            sums = {k: float(np.sum([m[k] for m in host])) for k in host[0]}
-            row = {**task.train_metrics(sums, len(host)), "lr": float(host[-1]["lr"]),
-                   "examples_per_s": seen / (time.perf_counter() - t0)}
-            logger.write(step, "train", row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
-            if bar.disable:
-                log.info("step %d/%d train: %s", step, total, _fmt(row))
-            pending = []
-        eval_now = "validation" in task.splits and (
-            step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
-        last_eval = evaluate("validation", state["params"]) if eval_now else None
-        if last_eval is not None:
-            stop = stopper.update(step, last_eval)
-            if stop:
-                log.info("early stopping at step %d: %s has not improved for %d evals (best %.4f at step %d)",
-                         step, metric, stopper.waited, stopper.best, stopper.best_step)
-        if step == total or stop or (every_ckpt and step % every_ckpt == 0) or (not every_ckpt and eval_now):
-            checkpoint(last_eval)
-    bar.close()
-    ckpts.wait()
+    def log_window(self, pending: list, ids: list, seen: int, t0: float) -> None:
+        """Reduce the window's step metrics (one host sync), write them, react to bad steps."""
+        host = jax.device_get(pending)
+        skipped = [(s, i) for (s, i), m in zip(ids, host) if not m["finite"]]
+        for s, i in skipped:
+            log.warning("step %d: non-finite loss or gradient, update skipped (example ids %s)", s, i[:16])
+        good = [m for m in host if m["finite"]]
+        row = {}
+        if good:  # metrics of the steps that updated; skipped steps are only counted
+            sums = {k: float(np.sum([m[k] for m in good])) for k in good[0]}
+            row = self.task.train_metrics(sums, len(good))
+            self.spikes.check(self.step, row["loss"])
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{float(host[-1]['lr']):.2e}")
+        row.update(lr=float(host[-1]["lr"]), examples_per_s=seen / (time.perf_counter() - t0))
+        if skipped:
+            row["skipped_steps"] = len(skipped)
+        self.logger.write(self.step, "train", row)
+        if self.bar.disable:
+            log.info("step %d/%d train: %s", self.step, self.total, _fmt(row))
+        if int(host[-1]["bad_steps"]) >= self.cfg.train.max_bad_steps:
+            self.checkpoint(None)  # bad steps never updated the params: this is the last good state
+            self.ckpts.wait()
+            raise Diverged(
+                f"{int(host[-1]['bad_steps'])} non-finite steps in a row (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); stopped at step {self.step} with a checkpoint of the last "
+                f"good parameters. Usual remedies: lower optim.lr, keep optim.clip_norm on, use "
+                f"model.dtype=float32 instead of bfloat16, check the data of the example ids logged above")
 
-    summary = {"step": step, "run_dir": str(run_dir)}
-    if last_eval is not None or stopper.best is not None:
-        summary["eval"] = last_eval
-        summary["best"] = stopper.to_json()
-    if "test" in task.splits:
-        params = state["params"]
-        if stopper.best_step is not None and stopper.best_step != step:
-            params = ckpts.restore(stopper.best_step, {"params": params})[0]["params"]
-            log.info("testing the best checkpoint (step %d)", stopper.best_step)
-        summary["test"] = evaluate("test", params)
-    ckpts.close()
-    logger.close()
-    return summary
+    def run(self) -> dict:
+        cfg, total = self.cfg, self.total
+        log.info("training %d steps (%.2f epochs of %d batches), %d parameters", total - self.step,
+                 (total - self.step) / len(self.batches), len(self.batches), param_count(self.fn.params))
+        guard, poison = PreemptionGuard(), _fault_steps()
+        batch_log = open(self.run_dir / "batches.jsonl", "a") if cfg.train.log_batches and \
+            jax.process_index() == 0 else None
+        self.bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=None if jax.process_index() == 0 else True)
+        pending, ids, t0, seen = [], [], time.perf_counter(), 0
+        stop, last_eval, every = False, None, cfg.checkpoint.every
+        try:
+            while self.step < total and not stop:
+                batch = self.batches.next()
+                seen += int(batch["weights"].sum())
+                if self.step + 1 in poison:
+                    batch["weights"] = np.full_like(batch["weights"], np.nan)
+                self.state, metrics = self.train_step(self.state, to_device(batch, self.mesh))
+                self.step += 1
+                pending.append(metrics)
+                ids.append((self.step, batch["example_ids"][batch["example_ids"] >= 0].tolist()))
+                if batch_log:
+                    batch_log.write(json.dumps({"step": self.step, "example_ids": ids[-1][1]}) + "\n")
+                    batch_log.flush()
+                self.bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == total:
+                    self.log_window(pending, ids, seen, t0)
+                    pending, ids = [], []
+                eval_now = "validation" in self.task.splits and (
+                    self.step == total or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0))
+                last_eval = self.evaluate("validation", self.state["params"]) if eval_now else None
+                if last_eval is not None and self.stopper.update(self.step, last_eval):
+                    stop = True
+                    log.info("early stopping at step %d: %s has not improved for %d evals (best %.4g at step %d)",
+                             self.step, self.metric, self.stopper.waited, self.stopper.best, self.stopper.best_step)
+                preempted = guard.should_stop(self.step)
+                halt = preempted or self.step == cfg.train.stop_at_step
+                if self.step == total or stop or halt or (every and self.step % every == 0) or (not every and eval_now):
+                    self.checkpoint(last_eval)
+                if halt:
+                    if pending:
+                        self.log_window(pending, ids, seen, t0)
+                    self.ckpts.wait()
+                    if preempted:
+                        raise Preempted(f"preempted at step {self.step}: checkpoint written to "
+                                        f"{self.run_dir / 'checkpoints'}; re-run the same command to resume")
+                    log.info("stopped at train.stop_at_step=%d with a checkpoint; re-run to continue", self.step)
+                    return {"step": self.step, "run_dir": str(self.run_dir), "stopped": True}
+            self.ckpts.wait()
+            return self.summary(last_eval)
+        finally:
+            guard.close()
+            self.bar.close()
+            if batch_log:
+                batch_log.close()
+            self.ckpts.wait()
+            self.ckpts.close()
+            self.logger.close()
+
+    def summary(self, last_eval: dict | None) -> dict:
+        out = {"step": self.step, "run_dir": str(self.run_dir)}
+        if last_eval is not None or self.stopper.best is not None:
+            out["eval"] = last_eval
+            out["best"] = self.stopper.to_json()
+        if "test" in self.task.splits:
+            params = self.state["params"]
+            if self.stopper.best_step is not None and self.stopper.best_step != self.step:
+                params = self.ckpts.restore(self.stopper.best_step, {"params": params})[0]["params"]
+                log.info("testing the best checkpoint (step %d)", self.stopper.best_step)
+            out["test"] = self.evaluate("test", params)
+        return out
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) a fine-tuning run; returns the final eval/test metrics."""
+    return Trainer(cfg).run()
 
 
 def _fmt(m: dict) -> str:
