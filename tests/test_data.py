@@ -165,3 +165,25 @@ def test_eval_batches_cover_every_example_once_with_weights():
     assert len(batches) == 3
     assert batches[-1]["weights"].tolist() == [1.0, 0.0]
     assert sum(int(x["weights"].sum()) for x in batches) == 5
+
+
+def test_bad_rows_counted_per_reason_or_fatal(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(b"text\tlabel\nfine film\tpos\nbroken \xff\xfe bytes\tneg\n\tneg\nok\t\ngood\tpos\n")
+    cfg = load_config(None, ["model.name_or_path=x", f"data.train={path}", "train.batch_size=2",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    data = build_classification_data(cfg, CharTokenizer())
+    assert data.reports[0].dropped == {"undecodable bytes": 1, "empty text": 1, "missing label": 1}
+    assert data.reports[0].examples["undecodable bytes"] == [2]
+    cfg = load_config(None, ["model.name_or_path=x", f"data.train={path}", "data.on_bad_rows=error",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ValueError, match=r"row 2 of .*bad.tsv: undecodable bytes"):
+        build_classification_data(cfg, CharTokenizer())
+
+
+def test_a_split_that_ends_up_empty_is_an_error(tmp_path):
+    path = tmp_path / "empty.tsv"
+    path.write_text("text\tlabel\n\tpos\nx\t\n")
+    cfg = load_config(None, ["model.name_or_path=x", f"data.train={path}", f"data.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(DataError, match="has no usable rows after cleaning"):
+        build_classification_data(cfg, CharTokenizer())

@@ -34,7 +34,7 @@ def _read_rows(cfg: Config, split: str) -> Rows:
     text = require_column(table, d.text_field, "data.text_field", spec)
     pair = require_column(table, d.text_pair_field, "data.text_pair_field", spec) if d.text_pair_field else None
     label = require_column(table, d.label_field, "data.label_field", spec)
-    as_text = lambda col: [v if v is None or isinstance(v, str) else str(v) for v in col]
+    as_text = lambda col: [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in col]
     return Rows(as_text(text), None if pair is None else as_text(pair), list(label),
                 list(range(1, len(text) + 1)))
 
@@ -54,7 +54,8 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
             continue
         raw = _read_rows(cfg, split)
         kept, report = clean(raw, split, drop_empty=c.drop_empty, drop_bad_labels=c.drop_bad_labels,
-                             dedup=c.dedup_train and split == "train", num_labels=cfg.model.num_labels)
+                             dedup=c.dedup_train and split == "train", num_labels=cfg.model.num_labels,
+                             on_bad_rows=d.on_bad_rows, where=getattr(d, split))
         log.info("clean %s", report.summary())
         if len(kept) == 0:
             raise DataError(f"data.{split} ({getattr(d, split)}) has no usable rows after cleaning: "

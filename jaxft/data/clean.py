@@ -56,27 +56,45 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip())
 
 
+def _problem(text, pair, label, has_pair: bool, num_labels: int | None, drop_empty: bool,
+             drop_bad_labels: bool) -> str | None:
+    """Why a row cannot be used, or None."""
+    for value in (text, pair) if has_pair else (text,):
+        if value is not None and not isinstance(value, (str, int, float)):
+            return "text of the wrong type"
+        if isinstance(value, str) and "\ufffd" in value:
+            return "undecodable bytes"
+        if drop_empty and _missing(value):
+            return "empty text"
+    if not drop_bad_labels:
+        return None
+    if _missing(label):
+        return "missing label"
+    if isinstance(label, float) and not label.is_integer() or not isinstance(label, (str, int, float)):
+        return "label of the wrong type"
+    if num_labels is not None and isinstance(label, int) and not 0 <= label < num_labels:
+        return f"label outside 0..{num_labels - 1}"
+    return None
+
+
 def clean(rows: Rows, split: str, *, drop_empty: bool, drop_bad_labels: bool, dedup: bool,
-          num_labels: int | None = None) -> tuple[Rows, CleanReport]:
+          num_labels: int | None = None, on_bad_rows: str = "skip", where: str = "") -> tuple[Rows, CleanReport]:
+    """Drop unusable rows (counted per reason), or raise on the first with `on_bad_rows="error"`."""
     report = CleanReport(split, len(rows))
     keep, seen = [], set()
     for i in range(len(rows)):
         text, pair, label = rows.text[i], None if rows.pair is None else rows.pair[i], rows.label[i]
-        if drop_empty and (_missing(text) or (rows.pair is not None and _missing(pair))):
-            report.drop("empty text", rows.row[i])
-            continue
-        if drop_bad_labels and _missing(label):
-            report.drop("missing label", rows.row[i])
-            continue
-        if drop_bad_labels and num_labels is not None and isinstance(label, int) and not 0 <= label < num_labels:
-            report.drop(f"label outside 0..{num_labels - 1}", rows.row[i])
-            continue
-        if dedup:
+        reason = _problem(text, pair, label, rows.pair is not None, num_labels, drop_empty, drop_bad_labels)
+        if reason is not None and on_bad_rows == "error":
+            raise ValueError(f"row {rows.row[i]} of {where or split}: {reason} (text={text!r}, label={label!r}); "
+                             f"set data.on_bad_rows=skip to drop such rows")
+        if reason is None and dedup:
             k = (text, pair, label)
-            if k in seen:
-                report.drop("exact duplicate", rows.row[i])
-                continue
+            reason = "exact duplicate" if k in seen else None
             seen.add(k)
+        if reason is not None:
+            report.drop(reason, rows.row[i])
+            continue
         keep.append(i)
     return rows.take(keep), report
 

@@ -10,8 +10,10 @@ import csv
 from pathlib import Path
 
 BUILDERS = {
-    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False}),
-    ".csv": ("csv", {"keep_default_na": False}),
+    # undecodable bytes become U+FFFD, so that cleaning can count and drop those rows
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False,
+                     "encoding_errors": "replace"}),
+    ".csv": ("csv", {"keep_default_na": False, "encoding_errors": "replace"}),
     ".jsonl": ("json", {}),
     ".json": ("json", {}),
     ".parquet": ("parquet", {}),
