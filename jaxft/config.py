@@ -27,12 +27,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class MoESection(Section):
+    """DeepSeekMoE fine-tuning options (ignored by dense models)."""
+
+    aux_loss_coef: float = Field(0.0, ge=0, description="sequence-wise balance loss weight, summed over layers")
+    freeze_router: bool = Field(False, description="keep the router (gate) weights fixed")
+
+
 class ModelSection(Section):
     name_or_path: str = Field(description="local HF folder or Hub id")
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     num_labels: int | None = Field(None, ge=1, description="default: from the label map of the train data")
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    moe: MoESection = MoESection()
 
 
 class CleanSection(Section):

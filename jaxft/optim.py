@@ -10,6 +10,8 @@ over the warmup, then decaying to 0 at the last step (linear, cosine) or staying
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import optax
 
@@ -45,11 +47,18 @@ def decay_mask(params):
         lambda path, _: str(getattr(path[-1], "key", "")).rsplit(".", 1)[-1] in DECAYED, params)
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimSection, total_steps: int, frozen: Callable[[str], bool] | None = None,
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The chain above; parameters whose flat path `frozen(path)` accepts get zero updates (and no
+    optimizer state), e.g. a frozen MoE router."""
     lr = schedule(cfg, total_steps)
     chain = []
     if cfg.clip_norm is not None:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
     chain.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mask=decay_mask))
-    return optax.chain(*chain), lr
+    tx = optax.chain(*chain)
+    if frozen is not None:
+        labels = lambda params: {k: "frozen" if frozen(k) else "train" for k in params}
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, lr

@@ -50,3 +50,22 @@ def save_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_tiny_deepseek(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random DeepSeek-V3 (MLA + MoE, one dense first layer) with the word-level tokenizer."""
+    import torch
+    import transformers
+
+    tok = make_tokenizer()
+    kw = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=12,
+              q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8,
+              n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+              max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**kw)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

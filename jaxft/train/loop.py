@@ -29,6 +29,7 @@ from jaxft import parallel
 from jaxft.config import Config, ConfigError, save_config
 from jaxft.data.batches import Position, to_device
 from jaxft.hf.load import load_model, read_hf_config, resolve
+from jaxft.models.moe import is_router_param
 from jaxft.optim import make_optimizer
 from jaxft.train.faults import Diverged, Preempted, PreemptionGuard, SpikeDetector, config_changes
 from jaxft.train.logger import RunLogger
@@ -114,7 +115,8 @@ class Trainer:
         model = load_model(model_dir, cfg.model.task, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                            mesh=self.mesh, seed=cfg.train.seed, **self.task.model_kwargs)
         self.fn = Functional(model)
-        tx, lr = make_optimizer(cfg.optim, self.total)
+        frozen = is_router_param if cfg.model.moe.freeze_router else None
+        tx, lr = make_optimizer(cfg.optim, self.total, frozen)
         self.state = init_state(self.fn, tx, cfg.train.seed)
         self.metric, mode = cfg.early_stopping()
         patience = cfg.train.early_stopping.patience
@@ -163,7 +165,7 @@ class Trainer:
         good = [m for m in host if m["finite"]]
         row = {}
         if good:  # metrics of the steps that updated; skipped steps are only counted
-            sums = {k: float(np.sum([m[k] for m in good])) for k in good[0]}
+            sums = {k: np.sum([m[k] for m in good], axis=0) for k in good[0]}  # arrays (MoE counts) too
             row = self.task.train_metrics(sums, len(good))
             self.spikes.check(self.step, row["loss"])
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{float(host[-1]['lr']):.2e}")

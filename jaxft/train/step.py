@@ -5,8 +5,16 @@ model's parameters keyed by their dotted NNX path (`bert.layers.0.query.kernel`)
 NNX module is rebuilt from them (`nnx.merge`), so the model code stays object-oriented while the step
 stays functional: buffers are donated and nothing syncs with the host.
 
+Sharding: the parameters keep the `NamedSharding`s they were loaded with (`jaxft.parallel` rules);
+every optimizer-state leaf that mirrors a parameter (Adam's moments) gets that parameter's sharding, the
+rest (counts, the RNG key) is replicated, and the step's outputs are pinned to the same shardings, so
+FSDP-sharded state stays sharded from step to step. The step is traced with the mesh active, which
+turns the models' `parallel.constrain` calls on.
+
 Gradient accumulation splits the batch into `grad_accum` micro-batches, sums their loss and gradient
 *sums* in a `lax.scan`, and divides once by the total weight: the update equals the large-batch one.
+Micro-batch j takes rows j, j+n, j+2n, ... of the batch, so each device's micro-batch rows are already
+on it (a contiguous split would move rows between devices).
 """
 
 from __future__ import annotations
@@ -17,10 +25,16 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxft import parallel
 
 
 class Functional:
-    """An NNX module split into a static graph and a flat `{path: array}` parameter dict."""
+    """An NNX module split into a static graph and a flat `{path: array}` parameter dict.
+
+    `mesh` is the mesh the parameters are placed on (None for unsharded ones).
+    """
 
     def __init__(self, model: nnx.Module):
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
@@ -28,6 +42,7 @@ class Functional:
         self.paths = {".".join(map(str, p)): p for p, _ in flat}
         self.params = {".".join(map(str, p)): v.get_value() for p, v in flat}
         self.axes = {".".join(map(str, p)): v.get_metadata().get("logical_axes") for p, v in flat}
+        self.mesh = parallel.mesh_of(self.params)
 
     def module(self, params: dict[str, jax.Array]) -> nnx.Module:
         nested: dict = {}
@@ -39,9 +54,49 @@ class Functional:
             node[last] = value
         return nnx.merge(self.graphdef, nested, self.rest)
 
+    def param_shardings(self, mesh=None) -> dict[str, NamedSharding]:
+        """Each parameter's sharding by its logical axes on `mesh` (default: the parameters' own)."""
+        mesh = mesh or self.mesh
+        return {k: parallel.sharding(self.axes[k], v.shape, mesh) for k, v in self.params.items()}
+
+
+def opt_state_shardings(opt_shapes, params: dict, param_shardings: dict, mesh):
+    """Shardings for an optimizer state (a pytree of `ShapeDtypeStruct`s from `jax.eval_shape(tx.init)`).
+
+    A leaf reached through a dict key that names a parameter, with that parameter's shape, mirrors it
+    (Adam's `mu`/`nu`) and takes its sharding; every other leaf (step counts) is replicated.
+    """
+    rep = parallel.replicated(mesh)
+
+    def pick(path, leaf):
+        for entry in reversed(path):
+            key = getattr(entry, "key", None)
+            if isinstance(key, str) and key in params and tuple(params[key].shape) == tuple(leaf.shape):
+                return param_shardings[key]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def state_shardings(fn: Functional, tx: optax.GradientTransformation, mesh=None) -> dict | None:
+    """Shardings of the whole train state on `mesh` (default: the parameters' mesh); None unsharded."""
+    mesh = mesh or fn.mesh
+    if mesh is None:
+        return None
+    ps = fn.param_shardings(mesh)
+    opt_shapes = jax.eval_shape(tx.init, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in fn.params.items()})
+    rep = parallel.replicated(mesh)
+    return {"step": rep, "params": ps, "opt_state": opt_state_shardings(opt_shapes, fn.params, ps, mesh),
+            "rng": rep, "bad_steps": rep}
+
 
 def _split_micro(batch: dict, n: int) -> dict:
-    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    """`[B, ...]` → `[n, B/n, ...]` with micro-batch j = rows j, j+n, ... (no rows change device)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
+
+
+def _constrain_batch(batch: dict) -> dict:
+    return jax.tree.map(lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
 
 
 def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransformation,
@@ -49,10 +104,14 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
     def loss_and_grad(params, batch, key):
         def f(p):
             loss_sum, aux = loss_fn(fn.module(p), batch, key)
-            return loss_sum, {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+            return loss_sum, {k: v for k, v in aux.items() if k != "logits"}  # sums only, no per-example outputs
         return jax.value_and_grad(f, has_aux=True)(params)
 
     def step(state, batch):
+        with parallel.activate(fn.mesh):
+            return _step(state, batch)
+
+    def _step(state, batch):
         params = state["params"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if grad_accum == 1:
@@ -60,14 +119,13 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
         else:
             def body(carry, xs):
                 i, micro = xs
-                (l, a), g = loss_and_grad(params, micro, jax.random.fold_in(key, i))
+                (l, a), g = loss_and_grad(params, _constrain_batch(micro), jax.random.fold_in(key, i))
                 return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-            (l0, a0), g0 = jax.eval_shape(loss_and_grad, params, jax.tree.map(
-                lambda x: x[0], _split_micro(batch, grad_accum)), key)
+            micros = _split_micro(batch, grad_accum)
+            (l0, a0), g0 = jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micros), key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
-            (loss_sum, aux, grads), _ = jax.lax.scan(
-                body, zeros, (jnp.arange(grad_accum), _split_micro(batch, grad_accum)))
+            (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micros))
         weight = jnp.maximum(aux["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss, grad_norm = loss_sum / weight, optax.tree.norm(grads)
@@ -86,15 +144,27 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
                    "finite": finite.astype(jnp.float32), "bad_steps": new_state["bad_steps"]}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    shardings = state_shardings(fn, tx)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
 
 
 def make_eval_step(fn: Functional, loss_fn: Callable) -> Callable:
     """`(params, batch) -> (loss_sum, aux)`, deterministic (no dropout)."""
-    return jax.jit(lambda params, batch: loss_fn(fn.module(params), batch, None))
+    def step(params, batch):
+        with parallel.activate(fn.mesh):
+            return loss_fn(fn.module(params), batch, None)
+
+    return jax.jit(step)
 
 
 def init_state(fn: Functional, tx: optax.GradientTransformation, seed: int) -> dict:
-    params = fn.params
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params),
-            "rng": jax.random.key_data(jax.random.key(seed)), "bad_steps": jnp.zeros((), jnp.int32)}
+    """The train state at step 0, every leaf created directly in its sharding (on every process)."""
+    def fresh(params):
+        return {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(params),
+                "rng": jax.random.key_data(jax.random.key(seed)), "bad_steps": jnp.zeros((), jnp.int32)}
+
+    shardings = state_shardings(fn, tx)
+    out = {k: v for k, v in shardings.items() if k != "params"} if shardings else None
+    return {"params": fn.params, **jax.jit(fresh, out_shardings=out)(fn.params)}

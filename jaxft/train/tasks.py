@@ -20,7 +20,8 @@ from jaxft.config import Config
 from jaxft.data import SPLITS, build_classification_data, build_sft_data
 from jaxft.data.batches import Batches, to_device
 from jaxft.train.evaluate import evaluate_classification
-from jaxft.train.losses import causal_lm_loss, classification_loss
+from jaxft.models.moe import RouterStats, router_metrics
+from jaxft.train.losses import classification_loss, make_causal_lm_loss
 from jaxft.train.run import read_labels, write_json
 
 log = logging.getLogger("jaxft")
@@ -48,10 +49,10 @@ class ClassificationTask:
 
 
 class CausalLMTask:
-    loss = staticmethod(causal_lm_loss)
     model_kwargs: dict = {}
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
+        self.loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef)
         self.splits, reports, template = build_sft_data(cfg, tokenizer, splits)
         if "train" in splits:
             write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in reports])
@@ -59,8 +60,12 @@ class CausalLMTask:
 
     @staticmethod
     def train_metrics(s: dict, n_steps: int) -> dict:
-        return {"loss": s["loss"] / n_steps, "grad_norm": s["grad_norm"] / n_steps,
-                "trained_tokens_per_step": s["weight"] / n_steps, "padding_fraction": 1 - s["tokens"] / s["slots"]}
+        out = {"loss": s["loss"] / n_steps, "grad_norm": s["grad_norm"] / n_steps,
+               "trained_tokens_per_step": s["weight"] / n_steps, "padding_fraction": 1 - s["tokens"] / s["slots"]}
+        if "moe_counts" in s:  # expert load over the logging window
+            stats = RouterStats(np.asarray(s["moe_counts"]), np.asarray([s["moe_balance_loss"] / n_steps]))
+            out.update({k: float(v) for k, v in router_metrics(stats).items()})
+        return out
 
     def evaluate(self, eval_step, params, split: str, mesh) -> dict:
         return evaluate_causal_lm(eval_step, params, self.splits[split], mesh)
