@@ -39,6 +39,22 @@ def _read_rows(cfg: Config, split: str) -> Rows:
                 list(range(1, len(text) + 1)))
 
 
+def carve_validation(splits: dict, cfg: Config) -> None:
+    """`data.validation_fraction`: move a seeded random share of train (≥ 1 example) to validation.
+
+    `splits` maps split names to anything with `len` and `take(indices)` (rows or encoded examples).
+    """
+    d = cfg.data
+    if not d.validation_fraction or "train" not in splits:
+        return
+    if d.validation is not None:
+        raise DataError("set data.validation or data.validation_fraction, not both")
+    train = splits["train"]
+    perm = np.random.default_rng(cfg.train.seed).permutation(len(train))
+    n_val = max(1, int(round(len(train) * d.validation_fraction)))
+    splits["validation"], splits["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
+
+
 def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None = None,
                               splits: tuple[str, ...] = SPLITS) -> ClassificationData:
     """Read, clean, label-encode, tokenize and batch every configured split.
@@ -71,13 +87,7 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
         raise DataError(f"model.num_labels={cfg.model.num_labels}, but train has {len(label_map)} labels: "
                         f"{list(label_map.names)}")
 
-    if d.validation_fraction and "train" in rows:
-        if d.validation is not None:
-            raise DataError("set data.validation or data.validation_fraction, not both")
-        train = rows["train"]
-        perm = np.random.default_rng(cfg.train.seed).permutation(len(train))
-        n_val = max(1, int(round(len(train) * d.validation_fraction)))
-        rows["validation"], rows["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
+    carve_validation(rows, cfg)
 
     out = ClassificationData(label_map, reports=reports)
     cache = cache_dir(d.cache_dir)
@@ -121,13 +131,7 @@ def build_sft_data(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS,
         encoded[split], report = build_sft(table, tokenizer, d, split)
         log.info("sft %s", report.summary())
         reports.append(report)
-    if d.validation_fraction and "train" in encoded:
-        if d.validation is not None:
-            raise DataError("set data.validation or data.validation_fraction, not both")
-        train = encoded["train"]
-        perm = np.random.default_rng(cfg.train.seed).permutation(len(train))
-        n_val = max(1, int(round(len(train) * d.validation_fraction)))
-        encoded["validation"], encoded["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
+    carve_validation(encoded, cfg)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
