@@ -38,8 +38,10 @@ class ModelSection(Section):
     name_or_path: str = Field(description="local HF folder or Hub id")
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     num_labels: int | None = Field(None, ge=1, description="default: from the label map of the train data")
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype (matmuls, activations)")
+    param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="stored parameters (and optimizer state)")
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = Field(
+        "none", description="what each block keeps for the backward pass (jaxft.models.layers.REMAT_POLICIES)")
     moe: MoESection = MoESection()
 
 
@@ -126,6 +128,13 @@ class MeshSection(Section):
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    # multi-host start-up (jaxft.parallel.initialize_distributed)
+    distributed: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: join when a coordinator is known (here or JAXFT_COORDINATOR) or under SLURM/MPI")
+    coordinator: str | None = Field(None, description="host:port of process 0")
+    num_processes: int | None = Field(None, ge=1)
+    process_id: int | None = Field(None, ge=0)
+    init_timeout: int = Field(300, ge=1, description="seconds to wait for every process to join")
 
     @model_validator(mode="after")
     def _sizes(self):

@@ -8,6 +8,7 @@ initialised as `transformers` does and reported; anything else missing or unexpe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -71,14 +72,20 @@ def flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
 
 def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None,
                dtype: str = "float32", param_dtype: str = "float32", mesh=None, seed: int = 0,
-               ) -> nnx.Module:
-    """Load a Hugging Face checkpoint into jaxft (see the package docstring for the contract)."""
+               remat: str = "none") -> nnx.Module:
+    """Load a Hugging Face checkpoint into jaxft (see the package docstring for the contract).
+
+    `dtype` is the compute dtype, `param_dtype` the stored one; `mesh` places every tensor already
+    sharded by its logical axes; `remat` is the rematerialisation policy of each block
+    (`jaxft.models.layers.REMAT_POLICIES`).
+    """
     folder = resolve(name_or_path)
     hf = read_hf_config(folder)
     family = get_family(hf.model_type, task)
     if num_labels is None:
         num_labels = hf.num_labels if getattr(hf, "id2label", None) else 2
     cfg = family.config_from_hf(hf, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
+    cfg = dataclasses.replace(cfg, remat=remat)
     module_cls = family.modules[task]
     abstract = nnx.eval_shape(lambda: module_cls(cfg, nnx.Rngs(0)))
     params = flat_params(abstract)

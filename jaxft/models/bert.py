@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
-from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, attention, dropout, padding_mask
+from jaxft.models.layers import (Dense, Embed, Keys, LayerNorm, activation, attention, block, dropout, padding_mask,
+                                 residual)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class BertConfig:
     num_labels: int = 2
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per encoder block
 
     @property
     def head_dim(self) -> int:
@@ -122,6 +124,7 @@ class BertModel(nnx.Module):
         D = cfg.hidden_size
         self.pooler = Dense("BD,DE->BE", (D, D), ("embed", "mlp"), std=cfg.initializer_range,
                             rngs=rngs, **_kw(cfg))
+        self.remat = cfg.remat
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, keys: Keys | None = None):
         keys = keys or Keys(None)
@@ -129,10 +132,10 @@ class BertModel(nnx.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids, keys)
+        x = residual(self.embeddings(input_ids, token_type_ids, keys))
         mask = padding_mask(attention_mask)
         for layer in self.layers:
-            x = layer(x, mask, keys)
+            x = residual(block(layer, self.remat, x, mask, keys))
         return x, jnp.tanh(self.pooler(x[:, 0]))
 
 

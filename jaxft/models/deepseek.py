@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxft.hf.table import Linear, NameTable, Rule
 from jaxft.models import causal, moe, rope as rope_lib
-from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation
+from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, block, residual
 from jaxft.models.mla import MLA
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -78,6 +78,7 @@ class DeepseekConfig:
     moe_impl: str = "auto"            # `jaxft.models.moe.IMPLS`
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"               # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
 
     def is_moe(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
@@ -197,16 +198,17 @@ class DeepseekModel(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **_kw(cfg))
-        self.rope, self.experts = cfg.rope, cfg.n_routed_experts
+        self.rope, self.experts, self.remat = cfg.rope, cfg.n_routed_experts, cfg.remat
 
     def __call__(self, input_ids, positions, mask, token_mask, keys: Keys, cache: causal.KVCache | None = None):
-        x = self.embed_tokens(input_ids)
+        x = residual(self.embed_tokens(input_ids))
         cos, sin = rope_lib.cos_sin(self.rope, positions)
         latents, rots, counts, losses = [], [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (c, k_rot), stats = layer(x, cos, sin, mask, token_mask, keys, kv,
+            x, (c, k_rot), stats = block(layer, self.remat, x, cos, sin, mask, token_mask, keys, kv,
                                          None if cache is None else cache.index)
+            x = residual(x)
             latents.append(c)
             rots.append(k_rot)
             if stats is not None:

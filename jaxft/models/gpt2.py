@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxft.hf.table import IDENTITY, Conv1D, Flatten, Linear, NameTable, Rule
 from jaxft.models import causal
-from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, attention, dropout
+from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, attention, block, dropout, residual
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class GPT2Config:
     initializer_range: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
 
     @property
     def head_dim(self) -> int:
@@ -122,14 +123,15 @@ class GPT2Model(nnx.Module):
         self.wpe = Embed(cfg.n_positions, cfg.n_embd, axes=("position", "embed"), std=std, rngs=rngs, **kw)
         self.h = nnx.List([GPT2Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs=rngs, **kw)
-        self.rate = cfg.embd_pdrop
+        self.rate, self.remat = cfg.embd_pdrop, cfg.remat
 
     def __call__(self, input_ids, positions, mask, keys: Keys, cache: causal.KVCache | None = None):
-        x = dropout(self.wte(input_ids) + self.wpe(positions), self.rate, keys())
+        x = residual(dropout(self.wte(input_ids) + self.wpe(positions), self.rate, keys()))
         new_k, new_v = [], []
-        for i, block in enumerate(self.h):
+        for i, layer in enumerate(self.h):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = block(x, mask, keys, kv, None if cache is None else cache.index)
+            x, (k, v) = block(layer, self.remat, x, mask, keys, kv, None if cache is None else cache.index)
+            x = residual(x)
             new_k.append(k)
             new_v.append(v)
         return self.ln_f(x), (new_k, new_v)

@@ -17,7 +17,35 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.parallel import constrain
+
 Array = jax.Array
+
+# `model.remat`: what each block keeps for the backward pass; the rest is recomputed (jax.checkpoint).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,                                          # plain autodiff: keep every intermediate
+    "full": jax.checkpoint_policies.nothing_saveable,      # keep only block inputs
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block(layer: nnx.Module, remat: str, x: Array, *args):
+    """`layer(x, *args)` with the block rematerialised under the policy `remat` (`REMAT_POLICIES`).
+
+    Rematerialisation trades compute for memory and leaves results unchanged. Only `x` and the layer's
+    parameters pass through the checkpoint; `args` (masks, RoPE tables, dropout keys) are closed over.
+    """
+    if remat == "none":
+        return layer(x, *args)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown model.remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    return nnx.remat(lambda mod, y: mod(y, *args), policy=REMAT_POLICIES[remat])(layer, x)
+
+
+def residual(x: Array) -> Array:
+    """Pin the residual stream `[B, T, D]` to batch sharding (a no-op without an active mesh)."""
+    return constrain(x, ("batch", "length", "embed"))
 
 
 def param(rngs: nnx.Rngs | None, init: str, shape: Sequence[int], axes: Sequence[str | None],
@@ -71,11 +99,14 @@ class Embed(nnx.Module):
 
     def __init__(self, num: int, features: int, *, axes=("vocab", "embed"), std: float = 0.02,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.dtype = dtype
+        self.dtype, self.axes = dtype, tuple(axes)
         self.embedding = param(rngs, "normal", (num, features), axes, param_dtype, std)
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Gather from the table with its model width whole (the FSDP all-gather of the weight), so the
+        # looked-up rows come out batch-sharded like the rest of the residual stream.
+        table = constrain(self.embedding[...], (self.axes[0], None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
         """Logits against the table (tied output embeddings): `'BTD,VD->BTV'`."""
@@ -151,8 +182,10 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float 
     """Scaled dot-product attention, `q: BTNH`, `k, v: BSKH` (K divides N for grouped queries).
 
     `mask` is boolean, broadcastable to `[B, N, T, S]` (True = may attend). Without attention dropout
-    this is `jax.nn.dot_product_attention` (cuDNN flash attention on GPU); with it, the same math written
-    out, since dropout on the probabilities needs them materialised. Softmax runs in float32.
+    this is `jax.nn.dot_product_attention`; with it, the same math written out, since dropout on the
+    probabilities needs them materialised. Softmax runs in float32. Every family calls attention here
+    and only here, so a fused kernel (cuDNN flash attention on GPU, which needs the mask expressed as
+    `is_causal` + sequence lengths rather than a dense mask; a splash kernel on TPU) has one call site.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if dropout_key is None or dropout_rate == 0.0:

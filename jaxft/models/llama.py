@@ -30,7 +30,8 @@ from flax import nnx
 
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
 from jaxft.models import causal, rope as rope_lib
-from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, attention
+from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, attention, block, residual
+from jaxft.parallel import constrain
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -59,6 +60,7 @@ class DecoderConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.sliding_layers[layer] else None
@@ -135,7 +137,9 @@ class Attention(nnx.Module):
         self.rate = cfg.attention_dropout
 
     def __call__(self, x, cos, sin, masks, keys: Keys, kv=None, index=None):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = constrain(self.q_proj(x), ("batch", "length", "heads", "head_dim"))
+        k = constrain(self.k_proj(x), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(self.v_proj(x), ("batch", "length", "kv_heads", "head_dim"))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope_lib.apply(q, cos, sin), rope_lib.apply(k, cos, sin)
@@ -157,7 +161,8 @@ class MLP(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        h = constrain(self.act(self.gate_proj(x)) * self.up_proj(x), ("batch", "length", "mlp"))
+        return self.down_proj(h)
 
 
 class DecoderLayer(nnx.Module):
@@ -182,15 +187,17 @@ class DecoderModel(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **kw)
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
-        self.rope = cfg.rope
+        self.rope, self.remat = cfg.rope, cfg.remat
 
     def __call__(self, input_ids, positions, masks, keys: Keys, cache: causal.KVCache | None = None):
-        x = self.embed_tokens(input_ids)
+        x = residual(self.embed_tokens(input_ids))
         cos, sin = rope_lib.cos_sin(self.rope, positions)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer(x, cos, sin, masks, keys, kv, None if cache is None else cache.index)
+            x, (k, v) = block(layer, self.remat, x, cos, sin, masks, keys, kv,
+                              None if cache is None else cache.index)
+            x = residual(x)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), (new_k, new_v)
@@ -211,8 +218,10 @@ class LlamaForCausalLM(nnx.Module):
 
     def _logits(self, h):
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+            logits = self.model.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, dropout_rng=None):
         """`attention_mask [B, T]`: 1 = token, 0 = padding; `segment_ids [B, T]`: packed document ids

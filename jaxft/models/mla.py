@@ -60,15 +60,15 @@ class MLA(nnx.Module):
                                 use_bias=False, **kw)
         else:
             Q = cfg.q_lora_rank
-            self.q_a_proj = Dense("BTD,DQ->BTQ", (D, Q), ("embed", None), use_bias=bias, **kw)
-            self.q_a_layernorm = RMSNorm(Q, LATENT_EPS, axes=(None,), dtype=kw["dtype"],
+            self.q_a_proj = Dense("BTD,DQ->BTQ", (D, Q), ("embed", "q_lora"), use_bias=bias, **kw)
+            self.q_a_layernorm = RMSNorm(Q, LATENT_EPS, axes=("q_lora",), dtype=kw["dtype"],
                                          param_dtype=kw["param_dtype"], rngs=rngs)
-            self.q_b_proj = Dense("BTQ,QNH->BTNH", (Q, N, P + O), (None, "heads", "head_dim"),
+            self.q_b_proj = Dense("BTQ,QNH->BTNH", (Q, N, P + O), ("q_lora", "heads", "head_dim"),
                                   use_bias=False, **kw)
         self.kv_a_proj_with_mqa = Dense("BTD,DC->BTC", (D, R + O), ("embed", None), use_bias=bias, **kw)
-        self.kv_a_layernorm = RMSNorm(R, LATENT_EPS, axes=(None,), dtype=kw["dtype"],
+        self.kv_a_layernorm = RMSNorm(R, LATENT_EPS, axes=("kv_lora",), dtype=kw["dtype"],
                                       param_dtype=kw["param_dtype"], rngs=rngs)
-        self.kv_b_proj = Dense("BTR,RNW->BTNW", (R, N, P + V), (None, "heads", "head_dim"), use_bias=False,
+        self.kv_b_proj = Dense("BTR,RNW->BTNW", (R, N, P + V), ("kv_lora", "heads", "head_dim"), use_bias=False,
                                **kw)
         self.o_proj = Dense("BTNV,NVD->BTD", (N, V, D), ("heads", "head_dim", "embed"), use_bias=bias, **kw)
         self.lora = cfg.q_lora_rank is not None

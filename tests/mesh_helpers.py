@@ -1,0 +1,100 @@
+"""Training runs on a device mesh, for the mesh and multi-host tests.
+
+`run(spec)` loads a saved HF folder onto a mesh, trains a few steps on fixed random batches and
+returns the per-step losses, the parameters' and optimizer state's shardings and per-device bytes.
+Run as a script (`python tests/mesh_helpers.py SPEC.json`), it prints the results as one JSON line;
+the tests start it in a subprocess so that `XLA_FLAGS=--xla_force_host_platform_device_count=8` (or
+`jax.distributed`) is set before JAX starts.
+
+spec: {"runs": [{"model": DIR, "task": "causal-lm" | "sequence-classification", "mesh": {...} | null,
+                 "steps": N, "batch": B, "length": T, "grad_accum": 1, "dtype": "float32", "remat": "none",
+                 "save": DIR | null}],
+       "distributed": {"coordinator": "127.0.0.1:PORT", "num_processes": 2, "process_id": i, "timeout_s": 60}}
+`mesh: null` runs on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def batches(task: str, vocab: int, steps: int, batch: int, length: int, seed: int = 0) -> list[dict]:
+    """`steps` global batches: padded rows, every token trained (causal) or random labels (classification)."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(steps):
+        ids = rng.randint(3, vocab, (batch, length)).astype(np.int32)
+        mask = np.ones_like(ids)
+        for r in range(0, batch, 3):
+            mask[r, length - 1 - r % 5:] = 0
+        ids[mask == 0] = 0
+        b = {"input_ids": ids, "attention_mask": mask, "weights": np.ones(batch, np.float32)}
+        if task == "causal-lm":
+            b["loss_mask"] = mask.copy()
+        else:
+            b["token_type_ids"] = np.zeros_like(ids)
+            b["labels"] = rng.randint(0, 3, batch).astype(np.int32)
+        out.append(b)
+    return out
+
+
+def run_one(r: dict) -> dict:
+    import jax
+
+    import jaxft
+    from jaxft import parallel
+    from jaxft.config import OptimSection
+    from jaxft.data.batches import to_device
+    from jaxft.optim import make_optimizer
+    from jaxft.train.losses import LOSSES
+    from jaxft.train.step import Functional, init_state, make_train_step
+
+    steps = r.get("steps", 10)
+    mesh = parallel.make_mesh(r["mesh"]) if r.get("mesh") else parallel.make_mesh(
+        {"data": 1}, devices=jax.devices()[:1])
+    model = jaxft.load_model(r["model"], task=r["task"], dtype=r.get("dtype", "float32"),
+                             remat=r.get("remat", "none"), mesh=mesh)
+    fn = Functional(model)
+    tx, lr = make_optimizer(OptimSection(lr=r.get("lr", 3e-3), weight_decay=0.01, warmup_steps=2), steps)
+    state = init_state(fn, tx, seed=0)
+    step = make_train_step(fn, LOSSES[r["task"]], tx, lr, r.get("grad_accum", 1))
+    losses = []
+    for b in batches(r["task"], model.hf_config["vocab_size"], steps, r.get("batch", 16), r.get("length", 16)):
+        state, m = step(state, to_device(b, mesh))
+        losses.append(float(m["loss"]))
+
+    def describe(x):
+        shard = x.sharding.shard_shape(x.shape)
+        return {"spec": [list(e) if isinstance(e, tuple) else e for e in x.sharding.spec],
+                "shape": list(x.shape), "shard_shape": list(shard), "dtype": str(x.dtype),
+                "bytes": int(np.prod(x.shape)) * x.dtype.itemsize, "shard_bytes": int(np.prod(shard)) * x.dtype.itemsize}
+
+    params = {k: describe(v) for k, v in state["params"].items()}
+    opt = [describe(x) for x in jax.tree.leaves(state["opt_state"])]
+    out = {"losses": losses, "params": params, "opt_state": opt, "devices": int(mesh.size)}
+    if r.get("save"):
+        trained = fn.module(state["params"])
+        trained.hf_config, trained.source_dir = model.hf_config, model.source_dir
+        jaxft.save_pretrained(trained, r["save"])
+    return out
+
+
+def main(path: str) -> None:
+    spec = json.loads(open(path).read())
+    if spec.get("distributed"):
+        import jax
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        from jaxft.parallel import initialize_distributed
+
+        d = spec["distributed"]
+        initialize_distributed("on", d["coordinator"], d["num_processes"], d["process_id"], d.get("timeout_s", 60))
+    results = [run_one(r) for r in spec["runs"]]
+    print("RESULTS " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

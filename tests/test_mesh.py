@@ -1,0 +1,129 @@
+"""Meshes: training on 8 simulated CPU devices equals training on one, with really sharded state.
+
+The multi-device runs happen in subprocesses (`tests/mesh_helpers.py`) started with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`, which must be set before JAX starts; two
+subprocesses run at once to use both cores of a small CI machine. Each run trains 10 steps of AdamW on
+the same random batches; the DESIGN.md bar is the single-device loss at every step within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from causal_helpers import save_hf
+from conftest import save_tiny_bert
+from jaxft import parallel
+
+HERE = Path(__file__).resolve().parent
+MESH_2x2x2 = {"data": 2, "fsdp": 2, "tensor": 2}
+DEEPSEEK = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
+                qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                n_group=4, topk_group=2, first_k_dense_replace=1, max_position_embeddings=256)
+
+
+def save_deepseek(folder: Path, seed: int = 0) -> Path:
+    """A tiny random DeepSeek-V3 (MoE in layer 1); router weights spread wide (std 0.5) so that no two
+    experts' scores are close enough for float rounding to flip a routing choice."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("deepseek_v3", **DEEPSEEK))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+def start(spec: dict, path: Path, devices: int = 8) -> subprocess.Popen:
+    path.write_text(json.dumps(spec))
+    # Backend optimisation level 0 compiles these tiny steps ~4x faster; both sides of every comparison
+    # run in the same process, so they share it.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+               "--xla_backend_optimization_level=0")
+    return subprocess.Popen([sys.executable, str(HERE / "mesh_helpers.py"), str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> list[dict]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out.split("RESULTS ", 1)[1])
+
+
+def assert_same_losses(ref: dict, got: dict, label: str) -> None:
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-4, err_msg=label)
+
+
+def test_mesh_shape_checks_the_device_count():
+    assert parallel.mesh_shape({"data": -1, "tensor": 2}, 8) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    with pytest.raises(ValueError, match=r"mesh \{data: 2, fsdp: 2, tensor: 3\} needs 12 devices, but 8 are available"):
+        parallel.mesh_shape({"data": 2, "fsdp": 2, "tensor": 3}, 8)
+    with pytest.raises(ValueError, match="8 devices are not divisible by the product of the fixed axes \\(3\\)"):
+        parallel.mesh_shape({"data": -1, "tensor": 3}, 8)
+    with pytest.raises(ValueError, match="only one axis may be -1"):
+        parallel.mesh_shape({"data": -1, "fsdp": -1}, 8)
+
+
+def test_rules_shard_each_weight_once_per_mesh_axis():
+    from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    mesh = AbstractMesh((2, 4, 1, 2), parallel.MESH_AXES)
+    assert parallel.spec(("embed", "heads", "head_dim"), (32, 4, 8), mesh) == P("fsdp", "tensor", None)
+    assert parallel.spec(("expert", "embed", "mlp"), (8, 32, 16), mesh) == P(None, "fsdp", "tensor")
+    assert parallel.spec(("batch", "length", "embed"), (16, 8, 32), mesh) == P(("data", "fsdp"), None, None)
+    assert parallel.spec(("embed", "vocab"), (30, 96), mesh) == P(None, "tensor")   # 30 % 4 ≠ 0: replicated
+    assert parallel.shard_factor(P(("data", "fsdp"), "tensor"), mesh) == 16
+
+
+@pytest.mark.slow
+def test_sharded_training_equals_one_device(tmp_path):
+    """Tiny Llama, BERT and DeepSeek-V3 (MoE): 10 steps on meshes of 8 devices vs one device."""
+    llama = save_hf("llama-mha", tmp_path / "llama", num_key_value_heads=2)
+    bert = save_tiny_bert(tmp_path / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    deepseek = save_deepseek(tmp_path / "deepseek")
+    causal = lambda model, mesh: {"model": str(model), "task": "causal-lm", "mesh": mesh}
+    meshes = [None, {"data": 8}, {"fsdp": 8}, MESH_2x2x2]
+    a = start({"runs": [causal(llama, m) for m in meshes]}, tmp_path / "a.json")
+    b = start({"runs": [{"model": str(bert), "task": "sequence-classification", "mesh": m} for m in (None, MESH_2x2x2)]
+               + [causal(deepseek, m) for m in (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)]}, tmp_path / "b.json")
+    llama_runs, (bert_1, bert_8, ds_1, ds_ep, ds_8) = finish(a), finish(b)
+
+    for mesh, run in zip(meshes[1:], llama_runs[1:]):
+        assert_same_losses(llama_runs[0], run, f"llama {mesh}")
+    assert_same_losses(bert_1, bert_8, "bert (2, 2, 2)")
+    assert_same_losses(ds_1, ds_ep, "deepseek (fsdp 2, expert 4)")
+    assert_same_losses(ds_1, ds_8, "deepseek (2, 2, 2)")
+    assert llama_runs[0]["losses"][-1] < llama_runs[0]["losses"][0]       # it trains
+
+    # Shardings as the rules say: FSDP over the model width, tensor over heads / MLP / vocab, experts.
+    one, fsdp, mixed = llama_runs[0]["params"], llama_runs[2]["params"], llama_runs[3]["params"]
+    q = "model.layers.0.self_attn.q_proj.kernel"                           # [D=32, N=4, H=8]
+    assert one[q]["shard_shape"] == [32, 4, 8]
+    assert fsdp[q]["spec"] == ["fsdp", None, None] and fsdp[q]["shard_shape"] == [4, 4, 8]
+    assert mixed[q]["spec"] == ["fsdp", "tensor", None] and mixed[q]["shard_shape"] == [16, 2, 8]
+    assert mixed["model.embed_tokens.embedding"]["spec"] == ["tensor", "fsdp"]
+    assert mixed["model.layers.1.mlp.down_proj.kernel"]["spec"] == ["tensor", "fsdp"]
+    assert llama_runs[1]["params"][q]["spec"] == [None, None, None]         # pure data parallelism
+    experts = ds_ep["params"]["model.layers.1.mlp.experts.gate_proj.kernel"]   # [E=8, D=32, F=16]
+    assert experts["spec"] == ["expert", "fsdp", None] and experts["shard_shape"] == [2, 16, 16]
+    latent = ds_8["params"]["model.layers.0.self_attn.kv_b_proj.kernel"]       # [R=12, N=4, P+V=14]
+    assert latent["spec"] == ["fsdp", "tensor", None]
+
+    # The optimizer state mirrors the parameters: under fsdp=8 each device holds 1/8 of params + state.
+    run = llama_runs[2]
+    state = list(run["params"].values()) + run["opt_state"]
+    total, per_device = sum(x["bytes"] for x in state), sum(x["shard_bytes"] for x in state)
+    assert per_device <= total / 8 * 1.1, (per_device, total)
+    moments = [x for x in run["opt_state"] if x["shape"] == [32, 4, 8]]
+    assert len(moments) == 4 and all(x["shard_shape"] == [4, 4, 8] for x in moments)   # mu, nu of both q_proj
