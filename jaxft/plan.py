@@ -1,0 +1,271 @@
+"""`jaxft plan CONFIG.yaml`: the per-device memory of a training run, worked out before anything is allocated.
+
+The model is built abstractly (`nnx.eval_shape`: shapes and dtypes only) from its `config.json`, so a
+folder holding nothing else will do, and no data is read (`data.max_length` and `train.batch_size`
+give the batch shape). Then, per device of the mesh `mesh.{data, fsdp, tensor, expert}`:
+
+- parameters, gradients, optimizer state: exact, from each array's shape, dtype and the sharding the
+  rules table gives it (`jaxft.parallel`, `jaxft.train.step.state_shardings`);
+- activations: the residuals the backward pass keeps under `model.remat`, counted exactly by tracing
+  the loss (`jax.vjp` under `jax.eval_shape`) at one data-parallel device's micro-batch, minus the
+  parameters they include; dimensions the `tensor` axis splits (heads, MLP width, vocabulary) are
+  divided by it. An estimate: XLA's workspace and fusion choices are not in it;
+- peak: when the mesh fits the devices of this machine, the real train step is compiled for it and
+  XLA's memory analysis gives arguments + outputs − donated + temporaries; for a described mesh (more
+  devices than present, e.g. a pod planned on a laptop) the peak is the sum of the four above.
+  XLA:CPU does not schedule rematerialised blocks to save memory (its compiled peak barely moves with
+  `model.remat`), so on CPU the effect of remat shows in the activations line; the TPU and GPU
+  compilers do schedule for it.
+
+The report says which method gave the peak, and which chips of `CHIPS` it fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AbstractMesh
+
+from jaxft import parallel
+from jaxft.config import Config
+from jaxft.optim import make_optimizer
+from jaxft.models.moe import is_router_param
+from jaxft.train.losses import classification_loss, make_causal_lm_loss
+from jaxft.train.step import Functional, make_train_step, state_shardings
+
+log = logging.getLogger("jaxft")
+
+GiB = 2**30
+# Memory per chip (HBM), GiB, as the vendors state it.
+CHIPS: dict[str, float] = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "H100": 80, "H200": 141}
+TENSOR_AXES = ("heads", "kv_heads", "mlp", "vocab")
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    model: str
+    param_count: int
+    mesh: dict[str, int]
+    devices: int
+    local_devices: int
+    method: str                    # "compiled" (XLA memory analysis) or "analytic"
+    backend: str                   # the JAX backend that compiled it (cpu, gpu, tpu)
+    batch: dict[str, int]          # global, grad_accum, per_device (rows per micro-batch), length
+    per_device: dict[str, int]     # bytes: params, opt_state, gradients, activations, peak; compiled: xla_arguments,
+                                   # xla_temp
+    settings: dict[str, str]       # dtype, param_dtype, remat
+
+    def fits(self) -> dict[str, bool]:
+        return {chip: self.per_device["peak"] <= gib * GiB for chip, gib in CHIPS.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "fits": self.fits()}
+
+    def report(self) -> str:
+        mesh = ", ".join(f"{a}={s}" for a, s in self.mesh.items() if s > 1) or "one device"
+        where = (f"compiled for this machine's {self.devices} device(s); peak from XLA:{self.backend}'s memory "
+                 f"analysis"
+                 if self.method == "compiled" else
+                 f"described mesh of {self.devices} devices (this machine has {self.local_devices}): analytic "
+                 f"estimate, not compiled")
+        b, d = self.batch, self.per_device
+        lines = [
+            f"model        {self.model}: {self.param_count:,} parameters ({_count(self.param_count)})",
+            f"precision    compute {self.settings['dtype']}, parameters {self.settings['param_dtype']}, "
+            f"remat {self.settings['remat']}",
+            f"mesh         {mesh} ({self.devices} devices) — {where}",
+            f"batch        {b['global']} sequences × {b['length']} tokens, grad_accum {b['grad_accum']}: "
+            f"{b['per_device']} per data-parallel device per micro-batch",
+            "per device",
+            f"  parameters        {_gib(d['params'])}",
+            f"  optimizer state   {_gib(d['opt_state'])}",
+            f"  gradients         {_gib(d['gradients'])}",
+            f"  activations       {_gib(d['activations'])}   (kept for the backward pass; estimate)",
+        ]
+        if self.method == "compiled":
+            lines.append(f"  XLA temporaries   {_gib(d['xla_temp'])}   (activations, gradients, workspace)")
+        lines.append(f"  peak              {_gib(d['peak'])}   ({'XLA' if self.method == 'compiled' else 'sum above'})")
+        fits = self.fits()
+        lines.append("fits         " + ", ".join(
+            f"{chip} ({gib:g} GiB): {'yes' if fits[chip] else 'no'} ({d['peak'] / (gib * GiB):.0%})"
+            for chip, gib in CHIPS.items()))
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:9.3f} GiB" if n >= GiB else f"{n / 2**20:9.3f} MiB"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def abstract_model(cfg: Config) -> tuple[nnx.Module, str]:
+    """The model of `cfg` with shapes and dtypes but no memory, and a label naming it."""
+    from jaxft.hf.load import abstract_module, read_hf_config, resolve
+    from jaxft.models import get_family
+
+    folder = resolve(cfg.model.name_or_path)
+    hf = read_hf_config(folder)
+    family = get_family(hf.model_type, cfg.model.task)
+    num_labels = cfg.model.num_labels or (hf.num_labels if getattr(hf, "id2label", None) else 2)
+    mcfg = family.config_from_hf(hf, num_labels=num_labels, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    mcfg = dataclasses.replace(mcfg, remat=cfg.model.remat)
+    return abstract_module(family.modules[cfg.model.task], mcfg), f"{hf.model_type} ({folder})"
+
+
+def batch_shapes(task: str, batch: int, length: int, packing: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays of one batch of `task` (what `jaxft.data` produces), as shapes."""
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    out = {"input_ids": tokens, "attention_mask": tokens, "weights": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+    if task == "causal-lm":
+        out["loss_mask"] = tokens
+        if packing:
+            out["segment_ids"] = tokens
+    else:
+        out["token_type_ids"] = tokens
+        out["labels"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return out
+
+
+def _bytes(x) -> int:
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+def sharded_bytes(shapes, shardings) -> int:
+    """Bytes one device holds of a pytree of shapes under matching `NamedSharding`s."""
+    return sum(_bytes(x) // parallel.shard_factor(s.spec, s.mesh)
+               for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+
+
+def activation_bytes(fn: Functional, loss_fn, batch: dict, tensor: int) -> int:
+    """Bytes of the residuals the backward pass keeps, for `batch` (one device's micro-batch).
+
+    `jax.vjp` returns its residuals inside the backward function; under `jax.eval_shape` they are shapes
+    only. Residuals that are the parameters themselves are not activations and are left out (one per
+    parameter of the same shape and dtype). A residual dimension whose size is that of a dimension the
+    `tensor` axis splits (heads, MLP width, vocabulary) is counted as split.
+    """
+    def residuals(params, b):
+        return jax.vjp(lambda p: loss_fn(fn.module(p), b, None)[0], params)[1]
+
+    leaves = [x for x in jax.tree.leaves(jax.eval_shape(residuals, fn.params, batch)) if hasattr(x, "shape")]
+    params = Counter((tuple(p.shape), str(p.dtype)) for p in fn.params.values())
+    split = {size for k, p in fn.params.items() for name, size in zip(fn.axes[k] or (), p.shape)
+             if name in TENSOR_AXES and size % tensor == 0} if tensor > 1 else set()
+    total = 0
+    for x in leaves:
+        key = (tuple(x.shape), str(x.dtype))
+        if params[key] > 0:
+            params[key] -= 1
+            continue
+        total += _bytes(x) // (tensor if split & set(x.shape) else 1)
+    return total
+
+
+def resolve_mesh(sizes: dict[str, int], local: int, devices: int | None):
+    """`(mesh, described)`: a real `Mesh` when the sizes fit this machine's devices, else an `AbstractMesh`.
+
+    With `devices` given, `-1` takes the rest of that many devices; otherwise of this machine's when the
+    fixed axes fit them, and 1 (the mesh is exactly the fixed axes) when they do not.
+    """
+    sizes = {a: int(sizes.get(a, 1)) for a in parallel.MESH_AXES}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    n = devices or (local if fixed <= local and local % fixed == 0 else fixed)
+    shape = parallel.mesh_shape(sizes, n)
+    if n == local:
+        return parallel.make_mesh(shape), False
+    return AbstractMesh(tuple(shape[a] for a in parallel.MESH_AXES), parallel.MESH_AXES), True
+
+
+def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> MemoryPlan:
+    """Work out the per-device memory of training `cfg` (see the module docstring)."""
+    model, label = abstract_model(cfg)
+    fn = Functional(model)
+    local = jax.device_count()
+    mesh, described = resolve_mesh(cfg.mesh.model_dump(), local, devices)
+    dp = parallel.data_parallel_size(mesh)
+    B, accum, T = cfg.train.batch_size, cfg.train.grad_accum, cfg.data.max_length
+    if B % (dp * accum):
+        raise ValueError(f"train.batch_size={B} must be divisible by the data-parallel devices ({dp}) × "
+                         f"train.grad_accum ({accum}) = {dp * accum}")
+    tx, lr = make_optimizer(cfg.optim, cfg.train.steps or 1000,
+                            is_router_param if cfg.model.moe.freeze_router else None)
+    fn.mesh = mesh
+    shard = state_shardings(fn, tx, mesh)
+    opt_shapes = jax.eval_shape(tx.init, fn.params)
+    loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef) if cfg.model.task == "causal-lm" else classification_loss
+    micro = batch_shapes(cfg.model.task, B // (dp * accum), T, cfg.data.packing)
+    d = {"params": sharded_bytes(fn.params, shard["params"]),
+         "opt_state": sharded_bytes(opt_shapes, shard["opt_state"])}
+    d["gradients"] = d["params"] * (2 if accum > 1 else 1)   # accumulated + one micro-batch's when accumulating
+    d["activations"] = activation_bytes(fn, loss, micro, mesh.shape["tensor"])
+    d["peak"] = d["params"] + d["opt_state"] + d["gradients"] + d["activations"]
+    method = "analytic"
+    if not described and compile:
+        stats = compiled_memory(fn, tx, lr, loss, mesh, shard, batch_shapes(cfg.model.task, B, T, cfg.data.packing),
+                                accum)
+        d["xla_arguments"], d["xla_temp"] = int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes)
+        d["peak"] = int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                        + stats.temp_size_in_bytes)
+        method = "compiled"
+    return MemoryPlan(
+        model=label, param_count=sum(math.prod(p.shape) for p in fn.params.values()),
+        mesh={a: int(mesh.shape[a]) for a in parallel.MESH_AXES}, devices=int(math.prod(mesh.shape.values())),
+        local_devices=local, method=method, backend=jax.default_backend(),
+        batch={"global": B, "grad_accum": accum, "per_device": B // (dp * accum), "length": T},
+        per_device=d, settings={"dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
+                                "remat": cfg.model.remat})
+
+
+def compiled_memory(fn: Functional, tx, lr, loss, mesh, shard: dict, batch: dict, accum: int):
+    """XLA's memory analysis (per device) of the real train step compiled for `mesh`, from shapes alone."""
+    params = {k: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shard["params"][k]) for k, p in fn.params.items()}
+    fn.params = params
+    rest = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(params),
+                                   "rng": jax.random.key_data(jax.random.key(0)),
+                                   "bad_steps": jnp.zeros((), jnp.int32)})
+    state = {**jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), rest,
+                            {k: v for k, v in shard.items() if k != "params"}), "params": params}
+    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh, len(x.shape)))
+             for k, x in batch.items()}
+    return make_train_step(fn, loss, tx, lr, accum).lower(state, batch).compile().memory_analysis()
+
+
+def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None, margin: float = 0.9) -> int | None:
+    """Before training: log the estimated peak per device and warn when it exceeds `margin` of the memory
+    `device` (default: the first local device) reports. Returns the estimate, or None where devices do
+    not report their memory (CPU), in which case nothing is traced.
+
+    Parameters and optimizer state are measured on the live `state`; gradients and activations are
+    estimated as in `plan`.
+    """
+    device = device or jax.local_devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return None
+    local = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree)
+                             if hasattr(x, "addressable_shards"))
+    held, grads = local(state), local(state["params"])
+    dp, accum = parallel.data_parallel_size(mesh), cfg.train.grad_accum
+    micro = batch_shapes(cfg.model.task, cfg.train.batch_size // (dp * accum), cfg.data.max_length, cfg.data.packing)
+    acts = activation_bytes(fn, loss, micro, mesh.shape["tensor"])
+    peak = held + grads * (2 if accum > 1 else 1) + acts
+    log.info("memory per device (estimate): state %.2f GiB + gradients %.2f GiB + activations %.2f GiB = %.2f GiB "
+             "of %.2f GiB", held / GiB, grads / GiB, acts / GiB, peak / GiB, limit / GiB)
+    if peak > margin * limit:
+        log.warning("the estimated peak of %.2f GiB per device is above %.0f%% of the device's %.2f GiB: this run "
+                    "may run out of memory. Try model.remat=full, a smaller train.batch_size with a larger "
+                    "train.grad_accum, or a larger mesh.fsdp (jaxft plan shows the effect).",
+                    peak / GiB, margin * 100, limit / GiB)
+    return peak
