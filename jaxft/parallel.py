@@ -25,6 +25,8 @@ import contextvars
 import logging
 import math
 import os
+import sys
+import threading
 from typing import Mapping, Sequence
 
 import jax
@@ -187,6 +189,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 # multi-host
 
 
+JOIN_TIMEOUT_EXIT_CODE = 4
+
+
+def initialize_from_config(mesh_cfg) -> bool:
+    """`initialize_distributed` with the `mesh.{distributed, coordinator, num_processes, process_id,
+    init_timeout}` settings of a config (`jaxft.config.MeshSection`)."""
+    return initialize_distributed(mesh_cfg.distributed, mesh_cfg.coordinator, mesh_cfg.num_processes,
+                                  mesh_cfg.process_id, mesh_cfg.init_timeout)
+
+
 def initialize_distributed(mode: str = "auto", coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, timeout_s: int = 300) -> bool:
     """Join the processes of a multi-host run into one JAX runtime (`jax.distributed.initialize`).
@@ -200,9 +212,12 @@ def initialize_distributed(mode: str = "auto", coordinator: str | None = None, n
       `JAXFT_COORDINATOR` / `JAX_COORDINATOR_ADDRESS`) or the process runs as one task of several under
       SLURM or Open MPI; else stay single-process.
 
-    `num_processes` and `process_id` fall back to `JAXFT_NUM_PROCESSES` / `JAXFT_PROCESS_ID`. When the
-    processes do not all join within `timeout_s` seconds this raises a `RuntimeError` saying so, instead
-    of hanging. Returns True when this process is part of a multi-process runtime.
+    `num_processes` and `process_id` fall back to `JAXFT_NUM_PROCESSES` / `JAXFT_PROCESS_ID`. Returns True
+    when this process is part of a multi-process runtime.
+
+    If not every process joins within `timeout_s` seconds, the process prints why and exits with
+    `JOIN_TIMEOUT_EXIT_CODE` (4) instead of hanging (JAX itself would abort a little later with a bare
+    `DEADLINE_EXCEEDED`).
     """
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"mesh.distributed={mode!r}: use auto, on or off")
@@ -219,18 +234,26 @@ def initialize_distributed(mode: str = "auto", coordinator: str | None = None, n
     scheduler = int(env.get("SLURM_NTASKS", "1")) > 1 or "OMPI_MCA_orte_hnp_uri" in env
     if mode == "auto" and coordinator is None and not scheduler:
         return False
-    where = f"coordinator {coordinator or 'auto-detected'}, process {process_id if process_id is not None else '?'}" \
-            f" of {num_processes or '?'}"
-    log.info("joining the distributed runtime (%s, timeout %d s)", where, timeout_s)
+    where = (f"coordinator {coordinator or '(auto-detected)'}, process "
+             f"{'(auto)' if process_id is None else process_id} of {num_processes or '(auto)'}")
+    log.info("joining the distributed runtime (%s); waiting up to %d s for every process", where, timeout_s)
+
+    def give_up() -> None:
+        sys.stderr.write(
+            f"jaxft: not every process of the multi-host run joined within {timeout_s} s ({where}). Start the "
+            f"same command on every host at once, with the same coordinator and process count and distinct "
+            f"process ids (tpu/launch.sh does this on TPU VMs); mesh.init_timeout sets the wait.\n")
+        sys.stderr.flush()
+        os._exit(JOIN_TIMEOUT_EXIT_CODE)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout_s)
-    except Exception as e:  # the runtime raises XlaRuntimeError, ValueError or RuntimeError
-        first = (str(e).strip().splitlines() or [repr(e)])[0]
-        raise RuntimeError(
-            f"multi-host start failed ({where}): {first}. Every process of the run must start within "
-            f"{timeout_s} s with the same coordinator and process count and its own process id "
-            f"(tpu/launch.sh starts all TPU workers at once).") from e
+                                   process_id=process_id, initialization_timeout=timeout_s + 30)
+    finally:
+        watchdog.cancel()
     log.info("process %d of %d: %d local device(s), %d in all", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1

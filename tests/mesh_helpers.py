@@ -8,9 +8,12 @@ the tests start it in a subprocess so that `XLA_FLAGS=--xla_force_host_platform_
 
 spec: {"runs": [{"model": DIR, "task": "causal-lm" | "sequence-classification", "mesh": {...} | null,
                  "steps": N, "batch": B, "length": T, "grad_accum": 1, "dtype": "float32", "remat": "none",
-                 "save": DIR | null}],
-       "distributed": {"coordinator": "127.0.0.1:PORT", "num_processes": 2, "process_id": i, "timeout_s": 60}}
-`mesh: null` runs on one device.
+                 "checkpoint_at": K | null, "run_dir": DIR, "save": DIR | null}],
+       "distributed": {"distributed": "on", "coordinator": "127.0.0.1:PORT", "num_processes": 2, "process_id": i,
+                       "init_timeout": 60}}   (the `mesh.*` settings of a config)
+`mesh: null` runs on one device. With `checkpoint_at: K` the state is saved with Orbax after step K
+into `run_dir/checkpoints`, restored into fresh arrays, and training goes on from the restored state.
+`save` exports the trained model (`{pid}` in it becomes the process index, to show which process wrote).
 """
 
 from __future__ import annotations
@@ -62,9 +65,12 @@ def run_one(r: dict) -> dict:
     state = init_state(fn, tx, seed=0)
     step = make_train_step(fn, LOSSES[r["task"]], tx, lr, r.get("grad_accum", 1))
     losses = []
-    for b in batches(r["task"], model.hf_config["vocab_size"], steps, r.get("batch", 16), r.get("length", 16)):
+    data = batches(r["task"], model.hf_config["vocab_size"], steps, r.get("batch", 16), r.get("length", 16))
+    for i, b in enumerate(data):
         state, m = step(state, to_device(b, mesh))
         losses.append(float(m["loss"]))
+        if i + 1 == r.get("checkpoint_at"):
+            state = save_and_restore(state, i + 1, r["run_dir"])
 
     def describe(x):
         shard = x.sharding.shard_shape(x.shape)
@@ -78,8 +84,25 @@ def run_one(r: dict) -> dict:
     if r.get("save"):
         trained = fn.module(state["params"])
         trained.hf_config, trained.source_dir = model.hf_config, model.source_dir
-        jaxft.save_pretrained(trained, r["save"])
+        jaxft.save_pretrained(trained, r["save"].format(pid=jax.process_index()))
     return out
+
+
+def save_and_restore(state: dict, step: int, run_dir: str) -> dict:
+    """Checkpoint `state` (every process takes part), then read it back into new arrays of the same shardings."""
+    import jax
+
+    from jaxft.train.checkpoint import Checkpoints
+
+    ckpts = Checkpoints(run_dir, keep=1)
+    ckpts.save(step, state, {"step": step})
+    ckpts.wait()
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, meta = ckpts.restore(step, {"params": like["params"],
+                                          "train": {k: v for k, v in like.items() if k != "params"}})
+    ckpts.close()
+    assert meta == {"step": step}
+    return {"params": restored["params"], **restored["train"]}
 
 
 def main(path: str) -> None:
@@ -88,10 +111,10 @@ def main(path: str) -> None:
         import jax
 
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        from jaxft.parallel import initialize_distributed
+        from jaxft.config import MeshSection
+        from jaxft.parallel import initialize_from_config
 
-        d = spec["distributed"]
-        initialize_distributed("on", d["coordinator"], d["num_processes"], d["process_id"], d.get("timeout_s", 60))
+        initialize_from_config(MeshSection(**spec["distributed"]))
     results = [run_one(r) for r in spec["runs"]]
     print("RESULTS " + json.dumps(results), flush=True)
 

@@ -2,7 +2,8 @@
 
 The module is first built abstractly (`nnx.eval_shape`: shapes only, no memory), then every parameter
 is filled from the checkpoint through the family's name table and placed on the devices already sharded
-by its logical axes. Parameters a checkpoint lacks but a task adds (a new classification head) are
+by its logical axes, one parameter at a time: a host holds at most one tensor (for stacked MoE experts,
+only the experts its own devices hold), never the whole model. Parameters a checkpoint lacks but a task adds (a new classification head) are
 initialised as `transformers` does and reported; anything else missing or unexpected raises.
 """
 
@@ -114,25 +115,48 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     bare = prefix and not any(n.startswith(prefix) for n in names)
     renamed = {(prefix + n if bare else n): n for n in names}
     table = family.name_table(cfg, task)
-    arrays, missing = table.import_(
-        renamed, lambda n: weights.read(renamed[n]), {p: v.shape for p, v in params.items()},
-        where=str(folder), locate=lambda n: weights.describe(renamed[n]))
+    read, locate = (lambda n: weights.read(renamed[n])), (lambda n: weights.describe(renamed[n]))
+    sources, missing = table.sources(renamed, {p: v.shape for p, v in params.items()}, where=str(folder),
+                                     locate=locate)
 
     key = jax.random.key(seed)
-    for i, path in enumerate(missing):
-        rule, _ = table.rule_for_path(path)
-        arrays[path] = _init(rule.init, params[path], jax.random.fold_in(key, i), cfg)
+    for path, var in params.items():
+        axes = var.get_metadata().get("logical_axes")
+        if path in missing:
+            rule, _ = table.rule_for_path(path)
+            value = _init(rule.init, var, jax.random.fold_in(key, missing.index(path)), cfg)
+            var.set_value(parallel.place(value, axes, mesh))
+        elif mesh is not None and table.rule_for_path(path)[0].stacked:
+            var.set_value(_place_stacked(table, path, sources[path], var, read, locate, mesh))
+        else:
+            value = np.asarray(table.build(path, sources[path], var.shape, read, locate)).astype(var.dtype, copy=False)
+            var.set_value(parallel.place(value, axes, mesh))
     if missing:
         log.warning("initialised %d parameter(s) absent from %s (new head): %s", len(missing), folder,
                     ", ".join(missing))
-
-    for path, var in params.items():
-        value = np.asarray(arrays[path]).astype(var.dtype, copy=False)
-        var.set_value(parallel.place(value, var.get_metadata().get("logical_axes"), mesh))
     model = abstract
     model.hf_config = hf.to_dict()
     model.source_dir = str(folder)
     return model
+
+
+def _place_stacked(table, path: str, names: list[str], var, read, locate, mesh) -> jax.Array:
+    """A stacked parameter (`[E, ...]`, one HF tensor per expert) placed device by device: each device's
+    callback reads only the experts of its shard (the last block read is reused by the next device that
+    holds the same experts), so a host reads and holds only what its own devices need."""
+    shape, dtype = tuple(var.shape), var.dtype
+    last: dict[tuple[int, int], np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        start, stop, _ = index[0].indices(shape[0])
+        if (start, stop) not in last:
+            last.clear()
+            block = table.build(path, names[start:stop], (stop - start,) + shape[1:], read, locate)
+            last[(start, stop)] = np.asarray(block).astype(dtype, copy=False)
+        return last[(start, stop)][(slice(None),) + tuple(index[1:])]
+
+    sharding = parallel.sharding(var.get_metadata().get("logical_axes"), shape, mesh)
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def _init(kind: str, var, key, cfg) -> np.ndarray:

@@ -149,11 +149,23 @@ class NameTable:
     def import_(self, hf_names: Iterable[str], read: Callable[[str], np.ndarray],
                 shapes: Mapping[str, tuple[int, ...]], where: str = "checkpoint",
                 locate: Callable[[str], str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-        """Checkpoint tensors → `{path: array}` for every path in `shapes`.
+        """Checkpoint tensors → `{path: array}` for every path in `shapes` (all in memory at once; see
+        `sources` and `build` to go parameter by parameter).
 
         Returns the arrays and the paths that were absent and must be initialised (rules with `init`).
         Raises naming the tensor for unknown names, unfilled parameters and shape mismatches;
         `locate(name)` names the file holding a tensor (default: `where`).
+        """
+        found, missing = self.sources(hf_names, shapes, where, locate)
+        return {p: self.build(p, names, shapes[p], read, locate) for p, names in found.items()}, missing
+
+    def sources(self, hf_names: Iterable[str], shapes: Mapping[str, tuple[int, ...]], where: str = "checkpoint",
+                locate: Callable[[str], str] | None = None) -> tuple[dict[str, list[str]], list[str]]:
+        """Match a checkpoint's names to the parameters in `shapes`, reading nothing.
+
+        Returns `{path: [HF names]}` (stacked ones in index order) and the paths that are absent and must be
+        initialised. Raises naming the tensor for unknown names, unfilled parameters and stacks of the
+        wrong size.
         """
         locate = locate or (lambda _: where)
         by_path: dict[str, list[tuple[tuple[int, ...], str]]] = {}
@@ -173,7 +185,7 @@ class NameTable:
             raise KeyError(f"tensor {by_path[unknown[0]][0][1]!r} in {where} maps to {unknown[0]!r}, "
                            f"which this model does not have (check num_hidden_layers and the task)")
 
-        arrays, missing = {}, []
+        found, missing = {}, []
         for path, shape in shapes.items():
             rule, _ = self.rule_for_path(path)
             if path not in by_path:
@@ -183,26 +195,33 @@ class NameTable:
                         f"(jaxft parameter {path})")
                 missing.append(path)
                 continue
-            entries = sorted(by_path[path])
-            n_stack = len(rule.stacked)
-            inner = shape[n_stack:]
-            parts = []
-            for _, name in entries:
-                t = read(name)
-                want = rule.transform.hf_shape(inner)
-                if tuple(t.shape) != tuple(want):
-                    raise ValueError(f"tensor {name!r} in {locate(name)} has shape {tuple(t.shape)}, but the "
-                                     f"model config implies {tuple(want)}")
-                parts.append(rule.transform.to_jax(t, inner))
-            if n_stack:
-                expected = prod(shape[:n_stack])
-                if len(parts) != expected:
-                    raise MissingTensorError(f"{where} has {len(parts)} tensors for {rule.hf!r}, "
-                                             f"expected {expected}")
-                arrays[path] = np.stack(parts).reshape(shape)
-            else:
-                arrays[path] = parts[0]
-        return arrays, missing
+            names = [name for _, name in sorted(by_path[path])]
+            expected = prod(shape[:len(rule.stacked)])
+            if rule.stacked and len(names) != expected:
+                raise MissingTensorError(f"{where} has {len(names)} tensors for {rule.hf!r}, expected {expected}")
+            found[path] = names
+        return found, missing
+
+    def build(self, path: str, names: list[str], shape: tuple[int, ...], read: Callable[[str], np.ndarray],
+              locate: Callable[[str], str] | None = None) -> np.ndarray:
+        """The jaxft array of `path` (shape `shape`) from its HF tensors `names` (from `sources`).
+
+        For a stacked parameter, `names` may be a contiguous part of the stack and `shape` that part's
+        shape: only those tensors are read (a host loads only the experts its devices hold).
+        """
+        locate = locate or str
+        rule, _ = self.rule_for_path(path)
+        n_stack = len(rule.stacked)
+        inner = tuple(shape[n_stack:])
+        want = rule.transform.hf_shape(inner)
+        parts = []
+        for name in names:
+            t = read(name)
+            if tuple(t.shape) != tuple(want):
+                raise ValueError(f"tensor {name!r} in {locate(name)} has shape {tuple(t.shape)}, but the "
+                                 f"model config implies {tuple(want)}")
+            parts.append(rule.transform.to_jax(t, inner))
+        return np.stack(parts).reshape(shape) if n_stack else parts[0]
 
     def export(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`{path: array}` → `{hf_name: tensor}` (inverse of `import_`)."""
