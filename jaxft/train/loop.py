@@ -31,6 +31,7 @@ from jaxft.data.batches import Position, to_device
 from jaxft.hf.load import load_model, read_hf_config, resolve
 from jaxft.models.moe import is_router_param
 from jaxft.optim import make_optimizer
+from jaxft.plan import preflight
 from jaxft.train.faults import Diverged, Preempted, PreemptionGuard, SpikeDetector, config_changes
 from jaxft.train.logger import RunLogger
 from jaxft.train.run import checkpoints_of, setup_logging
@@ -129,6 +130,7 @@ class Trainer:
             self.stopper = EarlyStopper(self.metric, mode, patience, **meta["early_stopping"])
             log.info("resumed from step %d of %s", resume, self.run_dir)
         self.step = int(resume or 0)
+        preflight(cfg, self.fn, self.state, self.mesh, self.task.loss)  # warns before an OOM would happen
         self.train_step = make_train_step(self.fn, self.task.loss, tx, lr, cfg.train.grad_accum)
         self.eval_step = make_eval_step(self.fn, self.task.loss)
         self.logger = RunLogger(self.run_dir)
