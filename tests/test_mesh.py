@@ -88,16 +88,22 @@ def test_rules_shard_each_weight_once_per_mesh_axis():
 
 @pytest.mark.slow
 def test_sharded_training_equals_one_device(tmp_path):
-    """Tiny Llama, BERT and DeepSeek-V3 (MoE): 10 steps on meshes of 8 devices vs one device."""
+    """Tiny Llama, BERT and DeepSeek-V3 (MoE): 10 steps on meshes of 8 devices vs one device; gradient
+    accumulation (4 × 8 on the mesh vs a batch of 32 on one device)."""
     llama = save_hf("llama-mha", tmp_path / "llama", num_key_value_heads=2)
     bert = save_tiny_bert(tmp_path / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     deepseek = save_deepseek(tmp_path / "deepseek")
     causal = lambda model, mesh: {"model": str(model), "task": "causal-lm", "mesh": mesh}
     meshes = [None, {"data": 8}, {"fsdp": 8}, MESH_2x2x2]
-    a = start({"runs": [causal(llama, m) for m in meshes]}, tmp_path / "a.json")
+    # plus gradient accumulation on the mesh: 4 micro-batches of 8 vs one batch of 32 on one device
+    accum = [dict(causal(llama, None), batch=32), dict(causal(llama, MESH_2x2x2), batch=32, grad_accum=4)]
+    a = start({"runs": [causal(llama, m) for m in meshes] + accum}, tmp_path / "a.json")
     b = start({"runs": [{"model": str(bert), "task": "sequence-classification", "mesh": m} for m in (None, MESH_2x2x2)]
                + [causal(deepseek, m) for m in (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)]}, tmp_path / "b.json")
     llama_runs, (bert_1, bert_8, ds_1, ds_ep, ds_8) = finish(a), finish(b)
+    big, accumulated = llama_runs[-2:]
+    np.testing.assert_allclose(accumulated["losses"], big["losses"], rtol=1e-5, err_msg="grad_accum 4 x 8 vs 32")
+    llama_runs = llama_runs[:-2]
 
     for mesh, run in zip(meshes[1:], llama_runs[1:]):
         assert_same_losses(llama_runs[0], run, f"llama {mesh}")
