@@ -44,7 +44,6 @@ def result(proc: subprocess.Popen, timeout: float = 300) -> dict:
     return json.loads(out.split("RESULTS ", 1)[1])[0]
 
 
-@pytest.mark.slow
 def test_two_processes_train_checkpoint_resume_and_export_like_one(tmp_path):
     model = save_hf("llama-mha", tmp_path / "llama", num_key_value_heads=2)
     run = {"model": str(model), "task": "causal-lm", "mesh": MESH, "steps": 6}
