@@ -38,7 +38,7 @@ from jaxft.config import Config
 from jaxft.optim import make_optimizer
 from jaxft.models.moe import is_router_param
 from jaxft.train.losses import classification_loss, make_causal_lm_loss
-from jaxft.train.step import Functional, make_train_step, state_shardings
+from jaxft.train.step import Functional, init_state, make_train_step, state_shardings
 
 log = logging.getLogger("jaxft")
 
@@ -229,14 +229,18 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
 
 
 def compiled_memory(fn: Functional, tx, lr, loss, mesh, shard: dict, batch: dict, accum: int):
-    """XLA's memory analysis (per device) of the real train step compiled for `mesh`, from shapes alone."""
-    params = {k: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=shard["params"][k]) for k, p in fn.params.items()}
-    fn.params = params
-    rest = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(params),
-                                   "rng": jax.random.key_data(jax.random.key(0)),
-                                   "bad_steps": jnp.zeros((), jnp.int32)})
-    state = {**jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), rest,
-                            {k: v for k, v in shard.items() if k != "params"}), "params": params}
+    """XLA's memory analysis (per device) of the real train step compiled for `mesh`, from shapes alone.
+
+    The state's shapes come from `init_state` itself (traced, not run), so they are the loop's; `fn`'s
+    parameters are left as sharded shapes.
+    """
+    def fresh(params):
+        fn.params = params
+        return init_state(fn, tx, 0)
+
+    shapes = jax.eval_shape(fresh, {k: jax.ShapeDtypeStruct(p.shape, p.dtype) for k, p in fn.params.items()})
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shard)
+    fn.params = state["params"]
     batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh, len(x.shape)))
              for k, x in batch.items()}
     return make_train_step(fn, loss, tx, lr, accum).lower(state, batch).compile().memory_analysis()
