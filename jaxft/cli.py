@@ -45,6 +45,7 @@ def cmd_eval(args) -> None:
     if not run:
         raise ConfigError("jaxft eval needs checkpoint=RUN_DIR")
     cfg = load_config(args.config, overrides)
+    parallel.initialize_from_config(cfg.mesh)
     setup_logging()
     mesh = parallel.make_mesh(cfg.mesh.model_dump())
     model, _, step = restore_model(run[0], cfg, mesh)

@@ -66,6 +66,9 @@ class Encoded:
             return cls({k: z[k] for k in z.files if k != "offsets"}, z["offsets"])
 
 
+CACHE_FORMAT = "encoded-v2"  # bump when the stored fields change, so old cache entries are never read
+
+
 def cache_dir(configured: str | None) -> Path:
     base = configured or os.environ.get("JAXFT_CACHE") or Path.home() / ".cache" / "jaxft"
     return Path(base) / "tokens"
@@ -80,6 +83,7 @@ def _fingerprint(tokenizer) -> str:
 def encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
            cache: Path | None, desc: str = "tokenize", chunk: int = 2048) -> Encoded:
     h = hashlib.sha256()
+    h.update(CACHE_FORMAT.encode())
     h.update(_fingerprint(tokenizer).encode())
     h.update(str(max_length).encode())
     for i, t in enumerate(texts):

@@ -89,6 +89,7 @@ class Trainer:
         if cfg.data.train is None:
             raise ConfigError("data.train is required for training")
         self.cfg, self.run_dir = cfg, Path(cfg.output_dir)
+        parallel.initialize_from_config(cfg.mesh)  # jax.distributed on multi-host runs; before JAX starts
         setup_logging(self.run_dir)
         self.mesh = parallel.make_mesh(cfg.mesh.model_dump())
         check_batch(cfg, self.mesh)
@@ -114,7 +115,7 @@ class Trainer:
         self.batches = self.task.splits["train"]
         self.total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(self.batches)))
         model = load_model(model_dir, cfg.model.task, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                           mesh=self.mesh, seed=cfg.train.seed, **self.task.model_kwargs)
+                           mesh=self.mesh, seed=cfg.train.seed, remat=cfg.model.remat, **self.task.model_kwargs)
         self.fn = Functional(model)
         frozen = is_router_param if cfg.model.moe.freeze_router else None
         tx, lr = make_optimizer(cfg.optim, self.total, frozen)
