@@ -266,4 +266,4 @@ def train(cfg: Config) -> dict:
 
 
 def _fmt(m: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, (float, np.floating)) else f"{k}={v}" for k, v in m.items())
