@@ -7,7 +7,6 @@ config is the source checkpoint's `config.json` updated with the task's architec
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -108,7 +107,3 @@ def generation_config(model: nnx.Module, hf, tokenizer=None, overrides: dict | N
         pad, eos = getattr(tokenizer, "pad_token_id", None), gen.eos_token_id
         gen.pad_token_id = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     return gen
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

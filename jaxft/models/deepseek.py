@@ -83,10 +83,6 @@ class DeepseekConfig:
     def is_moe(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
 
-    @property
-    def moe_layers(self) -> int:
-        return self.num_hidden_layers - min(self.first_k_dense_replace, self.num_hidden_layers)
-
     @classmethod
     def from_hf(cls, hf, *, num_labels: int | None = None, dtype: str = "float32",
                 param_dtype: str = "float32") -> "DeepseekConfig":
