@@ -134,3 +134,50 @@ def long_prompt(length: int = 520, seed: int = 1):
 def max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
     return float(d[mask.astype(bool)].max() if mask is not None else d.max())
+
+
+def token_ce(logits, ids, mask):
+    """Mean next-token cross-entropy over positions whose input and target are real tokens."""
+    import jax.numpy as jnp
+    import optax
+
+    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    return jnp.sum(ce * w) / jnp.sum(w)
+
+
+def check_export_round_trips(src: Path, out: Path, variant: str, tol: float) -> dict:
+    """Untouched export: same names, shapes, dtypes, bits and the family's architecture. Perturbed export:
+    `AutoModelForCausalLM` reloads it with no missing/unexpected keys and its logits match jaxft's within
+    `tol`. Returns the source tensors for further checks."""
+    import jax
+    import transformers
+    from safetensors.numpy import load_file
+
+    import jaxft
+    from jaxft.hf.load import flat_params
+    from jaxft.models import get_family
+
+    model = jaxft.load_model(src, task="causal-lm")
+    jaxft.save_pretrained(model, out / "same")
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(out / "same" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+    assert json.loads((out / "same" / "config.json").read_text())["architectures"] == [
+        get_family(model.hf_config["model_type"], "causal-lm").architectures["causal-lm"]]
+
+    key = jax.random.key(1)
+    for i, var in enumerate(flat_params(model).values()):
+        v = var.get_value()
+        var.set_value(v + 0.01 * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
+    jaxft.save_pretrained(model, out / "tuned")
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out / "tuned"), attn_implementation="eager", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, mask = padded_batch(seed=3)
+    d = max_diff(model(ids, attention_mask=mask), hf_logits(reloaded.eval(), ids, mask), mask)
+    print(f"{variant}: fine-tuned export vs jaxft {d:.2e}")
+    assert d <= tol
+    return a

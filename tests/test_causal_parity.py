@@ -12,16 +12,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
 import jaxft
-from jaxft.hf.load import flat_params
 from jaxft.models import causal, get_family
-from causal_helpers import (ROPE_VARIANTS, VARIANTS, build_hf, hf_logits, load_hf, long_prompt,
-                                  max_diff, padded_batch, save_hf)
+from causal_helpers import (ROPE_VARIANTS, VARIANTS, build_hf, check_export_round_trips, hf_logits, load_hf,
+                            long_prompt, max_diff, padded_batch, save_hf, token_ce)
 
 TOL = 1e-4
 CASES = [(v, "rope_parameters") for v in VARIANTS] + [(v, "rope_scaling") for v in ROPE_VARIANTS]
@@ -45,38 +43,7 @@ def test_logits_match_transformers(tmp_path, variant, spelling):
 def test_export_round_trips(tmp_path, variant):
     """Untouched: same names, shapes, dtypes, bits. Perturbed: transformers reloads it with no missing or
     unexpected keys, and its logits match jaxft's."""
-    src = save_hf(variant, tmp_path / "hf")
-    model = jaxft.load_model(src, task="causal-lm")
-    jaxft.save_pretrained(model, tmp_path / "same")
-    a, b = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "same" / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert a[name].tobytes() == b[name].tobytes(), name
-    assert json.loads((tmp_path / "same" / "config.json").read_text())["architectures"] == [
-        get_family(model.hf_config["model_type"], "causal-lm").architectures["causal-lm"]]
-
-    key = jax.random.key(1)
-    for i, (path, var) in enumerate(flat_params(model).items()):
-        v = var.get_value()
-        var.set_value(v + 0.01 * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
-    jaxft.save_pretrained(model, tmp_path / "tuned")
-    import transformers
-
-    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path / "tuned"), attn_implementation="eager", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ids, mask = padded_batch(seed=3)
-    d = max_diff(model(ids, attention_mask=mask), hf_logits(reloaded.eval(), ids, mask), mask)
-    print(f"{variant}: fine-tuned export vs jaxft {d:.2e}")
-    assert d <= TOL
-
-
-def _token_ce(logits, ids, mask):
-    """Mean next-token cross-entropy over positions whose target is a real token."""
-    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
-    return jnp.sum(ce * w) / jnp.sum(w)
+    check_export_round_trips(save_hf(variant, tmp_path / "hf"), tmp_path, variant, TOL)
 
 
 @pytest.mark.parametrize("variant", ["llama-bias", "gpt2"])
@@ -91,7 +58,7 @@ def test_gradients_match_pytorch(tmp_path, variant):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(p):
-        return _token_ce(nnx.merge(graphdef, p, rest)(ids, attention_mask=mask), ids, mask)
+        return token_ce(nnx.merge(graphdef, p, rest)(ids, attention_mask=mask), ids, mask)
 
     grads = jax.grad(loss)(params)
     table = get_family(model.hf_config["model_type"], "causal-lm").name_table(model.config, "causal-lm")
@@ -131,8 +98,8 @@ def test_packed_equals_unpacked(tmp_path, variant):
     for d in docs:
         alone = model(d[None])
         ones = np.ones((1, len(d)), np.int32)
-        packed_loss = _token_ce(logits[:, start:start + len(d)], d[None], ones)
-        alone_loss = _token_ce(alone, d[None], ones)
+        packed_loss = token_ce(logits[:, start:start + len(d)], d[None], ones)
+        alone_loss = token_ce(alone, d[None], ones)
         print(f"{variant}: packed {float(packed_loss):.6f} alone {float(alone_loss):.6f}")
         assert abs(float(packed_loss) - float(alone_loss)) <= 1e-5
         start += len(d)

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -22,9 +21,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import jaxft
-from jaxft.hf.load import flat_params
 from jaxft.models import get_family, moe
-from causal_helpers import VOCAB, hf_logits, long_prompt, max_diff, padded_batch
+from causal_helpers import (VOCAB, check_export_round_trips, hf_logits, long_prompt, max_diff, padded_batch,
+                            token_ce)
 
 TOL = 1e-4
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -118,38 +117,9 @@ def test_export_round_trips(tmp_path, variant):
     """Untouched: the names, shapes, dtypes and bits `save_pretrained` wrote (per-expert tensors, the
     correction bias). Perturbed: transformers reloads it with no missing or unexpected keys and its logits
     match jaxft's."""
-    import transformers
-
     src = save_hf(variant, tmp_path / "hf")
-    model = jaxft.load_model(src, task="causal-lm")
-    jaxft.save_pretrained(model, tmp_path / "same")
-    a, b = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "same" / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    assert any(".mlp.experts.0.gate_proj.weight" in n for n in a)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert a[name].tobytes() == b[name].tobytes(), name
-    assert json.loads((tmp_path / "same" / "config.json").read_text())["architectures"] == [
-        get_family(model.hf_config["model_type"], "causal-lm").architectures["causal-lm"]]
-
-    key = jax.random.key(1)
-    for i, var in enumerate(flat_params(model).values()):
-        v = var.get_value()
-        var.set_value(v + 0.01 * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
-    jaxft.save_pretrained(model, tmp_path / "tuned")
-    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path / "tuned"), attn_implementation="eager", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ids, mask = padded_batch(seed=3)
-    d = max_diff(model(ids, attention_mask=mask), hf_logits(reloaded.eval(), ids, mask), mask)
-    print(f"{variant}: fine-tuned export vs jaxft {d:.2e}")
-    assert d <= TOL
-
-
-def _token_ce(logits, ids, mask):
-    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
-    return jnp.sum(ce * w) / jnp.sum(w)
+    tensors = check_export_round_trips(src, tmp_path, variant, TOL)
+    assert any(".mlp.experts.0.gate_proj.weight" in n for n in tensors)
 
 
 @pytest.mark.parametrize("variant", ["v2-group-bias", "v3"])
@@ -163,7 +133,7 @@ def test_gradients_match_pytorch(tmp_path, variant):
     ids, mask = padded_batch(length=16)
     ids, mask = ids[:2], mask[:2]
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    grads = jax.jit(jax.grad(lambda p: _token_ce(nnx.merge(graphdef, p, rest)(ids, attention_mask=mask),
+    grads = jax.jit(jax.grad(lambda p: token_ce(nnx.merge(graphdef, p, rest)(ids, attention_mask=mask),
                                                  ids, mask)))(params)
     table = get_family(model.hf_config["model_type"], "causal-lm").name_table(model.config, "causal-lm")
     ours = table.export({".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)})
@@ -239,7 +209,7 @@ def test_training_step_lowers_loss_and_reports_router_stats(tmp_path):
     def step(params, opt):
         def loss(p):
             logits, stats = nnx.merge(graphdef, p, rest).forward_with_router_stats(ids, attention_mask=mask)
-            return _token_ce(logits, ids, mask) + 0.01 * stats.balance_loss.sum(), stats
+            return token_ce(logits, ids, mask) + 0.01 * stats.balance_loss.sum(), stats
         (l, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, updates), opt, l, stats
