@@ -42,6 +42,8 @@ class ModelSection(Section):
     param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="stored parameters (and optimizer state)")
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = Field(
         "none", description="what each block keeps for the backward pass (jaxft.models.layers.REMAT_POLICIES)")
+    scan_layers: bool = Field(False, description="stack the blocks' parameters on a leading layer axis and run "
+                              "them with jax.lax.scan: compile time independent of depth")
     moe: MoESection = MoESection()
 
 

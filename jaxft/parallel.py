@@ -55,6 +55,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "token_type": (),
     "classes": (),
     "length": (),
+    "layers": (),          # the stacked layer axis of `model.scan_layers`: every device holds every layer
 }
 
 

@@ -120,7 +120,7 @@ def abstract_model(cfg: Config) -> tuple[nnx.Module, str]:
     family = get_family(hf.model_type, cfg.model.task)
     num_labels = cfg.model.num_labels or (hf.num_labels if getattr(hf, "id2label", None) else 2)
     mcfg = family.config_from_hf(hf, num_labels=num_labels, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-    mcfg = dataclasses.replace(mcfg, remat=cfg.model.remat)
+    mcfg = dataclasses.replace(mcfg, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
     return abstract_module(family.modules[cfg.model.task], mcfg), f"{hf.model_type} ({folder})"
 
 

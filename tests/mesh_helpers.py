@@ -8,12 +8,14 @@ the tests start it in a subprocess so that `XLA_FLAGS=--xla_force_host_platform_
 
 spec: {"runs": [{"model": DIR, "task": "causal-lm" | "sequence-classification", "mesh": {...} | null,
                  "steps": N, "batch": B, "length": T, "grad_accum": 1, "dtype": "float32", "remat": "none",
-                 "checkpoint_at": K | null, "run_dir": DIR, "save": DIR | null}],
+                 "scan_layers": false, "count_reads": false, "checkpoint_at": K | null, "run_dir": DIR,
+                 "save": DIR | null}],
        "distributed": {"distributed": "on", "coordinator": "127.0.0.1:PORT", "num_processes": 2, "process_id": i,
                        "init_timeout": 60}}   (the `mesh.*` settings of a config)
 `mesh: null` runs on one device. With `checkpoint_at: K` the state is saved with Orbax after step K
 into `run_dir/checkpoints`, restored into fresh arrays, and training goes on from the restored state.
 `save` exports the trained model (`{pid}` in it becomes the process index, to show which process wrote).
+`count_reads` reports, per checkpoint tensor, the bytes of each slice this process read while loading.
 """
 
 from __future__ import annotations
@@ -58,8 +60,22 @@ def run_one(r: dict) -> dict:
     steps = r.get("steps", 10)
     mesh = parallel.make_mesh(r["mesh"]) if r.get("mesh") else parallel.make_mesh(
         {"data": 1}, devices=jax.devices()[:1])
+    reads: dict[str, list[int]] = {}
+    if r.get("count_reads"):
+        from jaxft.hf.files import WeightFile
+
+        original = WeightFile.read_slice
+
+        def counting(self, name, index):
+            out = original(self, name, index)
+            reads.setdefault(name, []).append(int(out.nbytes))
+            return out
+
+        WeightFile.read_slice = counting
     model = jaxft.load_model(r["model"], task=r["task"], dtype=r.get("dtype", "float32"),
-                             remat=r.get("remat", "none"), mesh=mesh)
+                             remat=r.get("remat", "none"), scan_layers=r.get("scan_layers", False), mesh=mesh)
+    if r.get("count_reads"):
+        WeightFile.read_slice = original
     fn = Functional(model)
     tx, lr = make_optimizer(OptimSection(lr=r.get("lr", 3e-3), weight_decay=0.01, warmup_steps=2), steps)
     state = init_state(fn, tx, seed=0)
@@ -80,7 +96,7 @@ def run_one(r: dict) -> dict:
 
     params = {k: describe(v) for k, v in state["params"].items()}
     opt = [describe(x) for x in jax.tree.leaves(state["opt_state"])]
-    out = {"losses": losses, "params": params, "opt_state": opt, "devices": int(mesh.size)}
+    out = {"losses": losses, "params": params, "opt_state": opt, "devices": int(mesh.size), "reads": reads}
     if r.get("save"):
         trained = fn.module(state["params"])
         trained.hf_config, trained.source_dir = model.hf_config, model.source_dir

@@ -89,7 +89,8 @@ def test_rules_shard_each_weight_once_per_mesh_axis():
 @pytest.mark.slow
 def test_sharded_training_equals_one_device(tmp_path):
     """Tiny Llama, BERT and DeepSeek-V3 (MoE): 10 steps on meshes of 8 devices vs one device; gradient
-    accumulation (4 × 8 on the mesh vs a batch of 32 on one device)."""
+    accumulation (4 × 8 on the mesh vs a batch of 32 on one device); scanned layers on a mesh; each
+    device's shard read from the checkpoint as a slice."""
     llama = save_hf("llama-mha", tmp_path / "llama", num_key_value_heads=2)
     bert = save_tiny_bert(tmp_path / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     deepseek = save_deepseek(tmp_path / "deepseek")
@@ -97,19 +98,24 @@ def test_sharded_training_equals_one_device(tmp_path):
     meshes = [None, {"data": 8}, {"fsdp": 8}, MESH_2x2x2]
     # plus gradient accumulation on the mesh: 4 micro-batches of 8 vs one batch of 32 on one device
     accum = [dict(causal(llama, None), batch=32), dict(causal(llama, MESH_2x2x2), batch=32, grad_accum=4)]
-    a = start({"runs": [causal(llama, m) for m in meshes] + accum}, tmp_path / "a.json")
+    scanned = dict(causal(llama, MESH_2x2x2), scan_layers=True, remat="full")
+    runs = [dict(causal(llama, m), count_reads=m == {"fsdp": 8}) for m in meshes]
+    a = start({"runs": runs + accum + [scanned]}, tmp_path / "a.json")
     b = start({"runs": [{"model": str(bert), "task": "sequence-classification", "mesh": m} for m in (None, MESH_2x2x2)]
-               + [causal(deepseek, m) for m in (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)]}, tmp_path / "b.json")
-    llama_runs, (bert_1, bert_8, ds_1, ds_ep, ds_8) = finish(a), finish(b)
-    big, accumulated = llama_runs[-2:]
+               + [causal(deepseek, m) for m in (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)]
+               + [dict(causal(deepseek, {"fsdp": 2, "expert": 4}), scan_layers=True)]}, tmp_path / "b.json")
+    llama_runs, (bert_1, bert_8, ds_1, ds_ep, ds_8, ds_scan) = finish(a), finish(b)
+    big, accumulated, llama_scan = llama_runs[-3:]
     np.testing.assert_allclose(accumulated["losses"], big["losses"], rtol=1e-5, err_msg="grad_accum 4 x 8 vs 32")
-    llama_runs = llama_runs[:-2]
+    llama_runs = llama_runs[:-3]
 
     for mesh, run in zip(meshes[1:], llama_runs[1:]):
         assert_same_losses(llama_runs[0], run, f"llama {mesh}")
     assert_same_losses(bert_1, bert_8, "bert (2, 2, 2)")
     assert_same_losses(ds_1, ds_ep, "deepseek (fsdp 2, expert 4)")
     assert_same_losses(ds_1, ds_8, "deepseek (2, 2, 2)")
+    assert_same_losses(llama_runs[0], llama_scan, "llama scanned + remat (2, 2, 2)")
+    assert_same_losses(ds_1, ds_scan, "deepseek scanned (fsdp 2, expert 4)")
     assert llama_runs[0]["losses"][-1] < llama_runs[0]["losses"][0]       # it trains
 
     # Shardings as the rules say: FSDP over the model width, tensor over heads / MLP / vocab, experts.
@@ -125,6 +131,16 @@ def test_sharded_training_equals_one_device(tmp_path):
     assert experts["spec"] == ["expert", "fsdp", None] and experts["shard_shape"] == [2, 16, 16]
     latent = ds_8["params"]["model.layers.0.self_attn.kv_b_proj.kernel"]       # [R=12, N=4, P+V=14]
     assert latent["spec"] == ["fsdp", "tensor", None]
+    # Scanned: the layer axis leads and stays whole; the rest is sharded as in a looped model.
+    stacked = llama_scan["params"]["model.layers.self_attn.q_proj.kernel"]    # [L=2, D=32, N=4, H=8]
+    assert stacked["spec"] == [None, "fsdp", "tensor", None] and stacked["shard_shape"] == [2, 16, 2, 8]
+    experts = ds_scan["params"]["model.layers.mlp.experts.gate_proj.kernel"]  # MoE layers [1, E=8, D, F]
+    assert experts["spec"] == [None, "expert", "fsdp", None] and experts["shard_shape"] == [1, 2, 16, 16]
+    assert "model.dense_layers.mlp.gate_proj.kernel" in ds_scan["params"]
+
+    # Loading under fsdp=8: every device's shard is its own slice read, and each slice is read once.
+    reads = llama_runs[2]["reads"]["model.layers.0.self_attn.q_proj.weight"]  # HF [N*H=32, D=32] float32
+    assert reads == [32 * 4 * 4] * 8, reads
 
     # The optimizer state mirrors the parameters: under fsdp=8 each device holds 1/8 of params + state.
     run = llama_runs[2]

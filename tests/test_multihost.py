@@ -70,6 +70,24 @@ def test_two_processes_train_checkpoint_resume_and_export_like_one(tmp_path):
         np.testing.assert_allclose(ours[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_each_process_reads_only_the_slices_its_devices_hold(tmp_path):
+    """fsdp=4 over two processes of two devices: every weight of a Llama has a model-width dimension, which
+    FSDP shards, so each process reads its two devices' quarters of each tensor: half the checkpoint."""
+    model = save_hf("llama-mha", tmp_path / "llama", num_key_value_heads=2)
+    run = {"model": str(model), "task": "causal-lm", "mesh": {"fsdp": 4}, "steps": 1, "count_reads": True}
+    port, procs = free_port(), []
+    for pid in range(2):
+        spec = {"runs": [run], "distributed": {"distributed": "on", "coordinator": f"127.0.0.1:{port}",
+                                               "num_processes": 2, "process_id": pid, "init_timeout": 120}}
+        procs.append(launch(spec, tmp_path / f"p{pid}.json", devices=2))
+    for reads in (result(p)["reads"] for p in procs):
+        q = reads["model.layers.0.self_attn.q_proj.weight"]         # HF [N*H=32, D=32] float32, D over fsdp
+        assert q == [32 * 8 * 4] * 2, q                               # two quarter slices: half the tensor
+        assert reads["model.layers.0.input_layernorm.weight"] == [8 * 4] * 2  # [D=32]: a quarter per device
+        total = sum(map(sum, reads.values()))
+        assert total == sum(t.nbytes for t in load_file(model / "model.safetensors").values()) // 2
+
+
 def test_a_lone_process_fails_with_a_message(tmp_path):
     spec = {"runs": [], "distributed": {"coordinator": f"127.0.0.1:{free_port()}", "num_processes": 2,
                                         "process_id": 0, "init_timeout": 3}}    # mode auto: a coordinator is set

@@ -2,21 +2,26 @@
 
 Reads `model.safetensors`, sharded `model.safetensors.index.json`, or (only when torch is installed)
 `pytorch_model.bin`. Writes `model.safetensors`, or shards plus an index once the model is larger than
-`max_shard_bytes`, with the `{"format": "pt"}` metadata `transformers` expects.
+`max_shard_bytes`, with the `{"format": "pt"}` metadata `transformers` expects: from a dict of tensors
+(`write_safetensors`), or streamed from a plan of names and shapes, one shard in memory at a time
+(`write_safetensors_stream`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Iterator, Mapping
+from math import prod
+from typing import Callable, Mapping
 
 import numpy as np
 
 SAFE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
+log = logging.getLogger("jaxft")
 
 
 class WeightFile:
@@ -66,6 +71,25 @@ class WeightFile:
         except Exception as e:
             raise ValueError(f"cannot read tensor {name!r} from {self.folder / file}: {e}") from e
 
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`read(name)[index]`, reading only that slice from disk (safetensors `get_slice`)."""
+        if self._torch is not None:
+            return self._torch[name][index]
+        file = self.where[name]
+        try:
+            return self._open(file).get_slice(name)[index]
+        except Exception as e:
+            raise ValueError(f"cannot read tensor {name!r} from {self.folder / file}: {e}") from e
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape, from the file header (nothing is read)."""
+        if self._torch is not None:
+            return tuple(self._torch[name].shape)
+        try:
+            return tuple(self._open(self.where[name]).get_slice(name).get_shape())
+        except Exception as e:
+            raise ValueError(f"cannot read tensor {name!r} from {self.describe(name)}: {e}") from e
+
     def describe(self, name: str) -> str:
         return str(self.folder / self.where[name])
 
@@ -83,36 +107,82 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLike,
                       max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Write `tensors` as one file or as shards with an index; returns the files written."""
+    plan = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    return write_safetensors_stream(plan, lambda names: {n: tensors[n] for n in names}, folder, max_shard_bytes)
+
+
+def plan_bytes(plan: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, int]:
+    """`{name: bytes}` of a plan `{name: (shape, dtype)}`."""
+    return {name: prod(shape) * np.dtype(dtype).itemsize for name, (shape, dtype) in plan.items()}
+
+
+def shard_names(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """The names of each shard, given `{name: bytes}`: names in sorted order, a new shard started when the
+    next tensor would take the current one past `max_shard_bytes` (so a tensor larger than the limit
+    gets a shard of its own). Always at least one (possibly empty) shard."""
+    shards, shard, size = [], [], 0
+    for name in sorted(sizes):
+        if shard and size + sizes[name] > max_shard_bytes:
+            shards.append(shard)
+            shard, size = [], 0
+        shard.append(name)
+        size += sizes[name]
+    return shards + [shard]
+
+
+def shard_file(i: int, n: int) -> str:
+    """File name of shard `i` (1-based) of `n`."""
+    return SAFE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_safetensors_stream(plan: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                             produce: Callable[[list[str]], Mapping[str, np.ndarray]],
+                             folder: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Write a model shard by shard, holding one shard of tensors at a time.
+
+    `plan` is `{name: (shape, dtype)}` of every tensor, known before any data exists; it fixes the shards
+    (`shard_names`, the same split and the same files as `write_safetensors`). `produce(names)` is called
+    once per shard, in order, with that shard's sorted names and returns those tensors; they must match
+    the plan. Each shard is written and dropped before the next is produced; the index (when sharded) is
+    written last. Logs one line per shard on the `jaxft` logger. Returns the files written.
+    """
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shards = list(_shards(tensors, max_shard_bytes))
-    if len(shards) == 1:
-        save_file(dict(shards[0]), str(folder / SAFE), metadata={"format": "pt"})
-        return [SAFE]
+    sizes = plan_bytes(plan)
+    shards = shard_names(sizes, max_shard_bytes)
     files, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(dict(shard), str(folder / name), metadata={"format": "pt"})
-        files.append(name)
-        weight_map.update({k: name for k in shard})
-    total = sum(int(t.nbytes) for t in tensors.values())
+    for i, names in enumerate(shards, 1):
+        file = shard_file(i, len(shards))
+        tensors = produce(names)
+        if sorted(tensors) != names:
+            raise ValueError(f"shard {file}: expected tensors {names}, got {sorted(tensors)}")
+        for name in names:
+            _check(name, tensors[name], *plan[name])
+        save_file({n: tensors[n] for n in names}, str(folder / file), metadata={"format": "pt"})
+        del tensors
+        log.info("export: wrote %s (%s, %d/%d)", file, _human(sum(sizes[n] for n in names)), i, len(shards))
+        files.append(file)
+        weight_map.update({n: file for n in names})
+    if len(shards) == 1:
+        return files
     (folder / SAFE_INDEX).write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))},
+        indent=2))
     return files + [SAFE_INDEX]
 
 
-def _shards(tensors: Mapping[str, np.ndarray], limit: int) -> Iterator[dict[str, np.ndarray]]:
-    shard, size = {}, 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        if shard and size + t.nbytes > limit:
-            yield shard
-            shard, size = {}, 0
-        shard[name] = t
-        size += t.nbytes
-    yield shard
+def _check(name: str, t: np.ndarray, shape: tuple[int, ...], dtype) -> None:
+    if tuple(t.shape) != tuple(shape) or t.dtype != np.dtype(dtype):
+        raise ValueError(f"tensor {name!r} is {t.dtype}{list(t.shape)}, the export plan says "
+                         f"{np.dtype(dtype)}{list(shape)}")
 
 
-
+def _human(n: float) -> str:
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"

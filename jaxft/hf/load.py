@@ -2,8 +2,10 @@
 
 The module is first built abstractly (`nnx.eval_shape`: shapes only, no memory), then every parameter
 is filled from the checkpoint through the family's name table and placed on the devices already sharded
-by its logical axes, one parameter at a time: a host holds at most one tensor (for stacked MoE experts,
-only the experts its own devices hold), never the whole model. Parameters a checkpoint lacks but a task adds (a new classification head) are
+by its logical axes, one parameter at a time: each device's shard is read from the safetensors file as a
+slice (`jax.make_array_from_callback`), so a host reads and holds only the parts of one parameter its own
+devices need (for stacked MoE experts or scanned layers, only the experts and layers they hold), never
+the whole model. Parameters a checkpoint lacks but a task adds (a new classification head) are
 initialised as `transformers` does and reported; anything else missing or unexpected raises.
 """
 
@@ -90,12 +92,13 @@ def flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
 
 def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None,
                dtype: str = "float32", param_dtype: str = "float32", mesh=None, seed: int = 0,
-               remat: str = "none") -> nnx.Module:
+               remat: str = "none", scan_layers: bool = False) -> nnx.Module:
     """Load a Hugging Face checkpoint into jaxft (see the package docstring for the contract).
 
     `dtype` is the compute dtype, `param_dtype` the stored one; `mesh` places every tensor already
     sharded by its logical axes; `remat` is the rematerialisation policy of each block
-    (`jaxft.models.layers.REMAT_POLICIES`).
+    (`jaxft.models.layers.REMAT_POLICIES`); `scan_layers` stacks the blocks and runs them with
+    `jax.lax.scan` (one compiled block whatever the depth).
     """
     folder = resolve(name_or_path)
     hf = read_hf_config(folder)
@@ -103,7 +106,7 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     if num_labels is None:
         num_labels = hf.num_labels if getattr(hf, "id2label", None) else 2
     cfg = family.config_from_hf(hf, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
-    cfg = dataclasses.replace(cfg, remat=remat)
+    cfg = dataclasses.replace(cfg, remat=remat, scan_layers=scan_layers)
     module_cls = family.modules[task]
     abstract = abstract_module(module_cls, cfg)
     params = flat_params(abstract)
@@ -115,7 +118,7 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     bare = prefix and not any(n.startswith(prefix) for n in names)
     renamed = {(prefix + n if bare else n): n for n in names}
     table = family.name_table(cfg, task)
-    read, locate = (lambda n: weights.read(renamed[n])), (lambda n: weights.describe(renamed[n]))
+    locate = lambda n: weights.describe(renamed[n])  # noqa: E731
     sources, missing = table.sources(renamed, {p: v.shape for p, v in params.items()}, where=str(folder),
                                      locate=locate)
 
@@ -126,11 +129,17 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
             rule, _ = table.rule_for_path(path)
             value = _init(rule.init, var, jax.random.fold_in(key, missing.index(path)), cfg)
             var.set_value(parallel.place(value, axes, mesh))
-        elif mesh is not None and table.rule_for_path(path)[0].stacked:
-            var.set_value(_place_stacked(table, path, sources[path], var, read, locate, mesh))
+            continue
+
+        def block(index, path=path, var=var):
+            return np.asarray(table.build(
+                path, sources[path], var.shape, index, lambda n, i: weights.read_slice(renamed[n], i),
+                lambda n: weights.shape(renamed[n]), locate)).astype(var.dtype, copy=False)
+
+        if mesh is None:
+            var.set_value(parallel.place(block(None), axes, None))
         else:
-            value = np.asarray(table.build(path, sources[path], var.shape, read, locate)).astype(var.dtype, copy=False)
-            var.set_value(parallel.place(value, axes, mesh))
+            var.set_value(_place_sliced(block, var, mesh))
     if missing:
         log.warning("initialised %d parameter(s) absent from %s (new head): %s", len(missing), folder,
                     ", ".join(missing))
@@ -140,20 +149,18 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     return model
 
 
-def _place_stacked(table, path: str, names: list[str], var, read, locate, mesh) -> jax.Array:
-    """A stacked parameter (`[E, ...]`, one HF tensor per expert) placed device by device: each device's
-    callback reads only the experts of its shard (the last block read is reused by the next device that
-    holds the same experts), so a host reads and holds only what its own devices need."""
-    shape, dtype = tuple(var.shape), var.dtype
-    last: dict[tuple[int, int], np.ndarray] = {}
+def _place_sliced(block, var, mesh) -> jax.Array:
+    """A parameter placed device by device: each device's callback reads only its shard's slice of the
+    checkpoint (`block(index)`), so a host reads and holds only what its own devices need. Devices that
+    hold the same shard (replicas) share one read."""
+    shape = tuple(var.shape)
+    cache: dict[tuple, np.ndarray] = {}
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
-        start, stop, _ = index[0].indices(shape[0])
-        if (start, stop) not in last:
-            last.clear()
-            block = table.build(path, names[start:stop], (stop - start,) + shape[1:], read, locate)
-            last[(start, stop)] = np.asarray(block).astype(dtype, copy=False)
-        return last[(start, stop)][(slice(None),) + tuple(index[1:])]
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        if key not in cache:
+            cache[key] = block(index)
+        return cache[key]
 
     sharding = parallel.sharding(var.get_metadata().get("logical_axes"), shape, mesh)
     return jax.make_array_from_callback(shape, sharding, shard)

@@ -8,11 +8,15 @@ parameter path pattern and a `Transform` between the two layouts, e.g.
 
 `{i}` (or any `{name}`) matches a decimal index. A placeholder that appears in the HF pattern but not
 in the path is a *stacked* axis: all HF tensors for its indices are stacked along a new leading axis of
-one jaxft array (DeepSeek's per-expert tensors → one `[E, ...]` array), and split again on export.
+one jaxft array (DeepSeek's per-expert tensors → one `[E, ...]` array, a scanned model's layers → one
+`[L, ...]` array), and split again on export. `within={"i": (start, stop)}` restricts a placeholder to a
+range, so layers of two kinds stack into two arrays (DeepSeek's dense first layers and its MoE layers);
+a stacked axis then counts from `start`.
 
-`NameTable.import_` turns a checkpoint into jaxft arrays and raises on any tensor it does not know, any
-parameter it could not fill (unless the rule says how to initialise it, as HF does for new heads) and
-any shape that does not match. `NameTable.export` is the exact inverse: transposes and reshapes only,
+`NameTable.sources` matches a checkpoint to the jaxft parameters and raises on any tensor it does not
+know and any parameter it could not fill (unless the rule says how to initialise it, as HF does for new
+heads); `NameTable.build` reads a parameter, or only a device's slice of it, and raises on any shape that
+does not match. `NameTable.export` is the exact inverse: transposes and reshapes only,
 so an untouched round trip is bit-identical.
 """
 
@@ -38,6 +42,11 @@ class Transform:
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape
 
+    def groups(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """For each HF dimension, in HF order, the jaxft dimensions it holds (row-major), e.g. a Linear
+        query `[N*H, D]` ↔ `[D, N, H]` is `[(1, 2), (0,)]`. Slice reads (`read_block`) follow from it."""
+        return [(d,) for d in range(len(shape))]
+
 
 @dataclass(frozen=True)
 class Linear(Transform):
@@ -58,6 +67,9 @@ class Linear(Transform):
     def hf_shape(self, shape):
         return (prod(shape[self.n_in:]), prod(shape[: self.n_in]))
 
+    def groups(self, shape):
+        return [tuple(range(self.n_in, len(shape))), tuple(range(self.n_in))]
+
 
 @dataclass(frozen=True)
 class Flatten(Transform):
@@ -68,6 +80,9 @@ class Flatten(Transform):
 
     def hf_shape(self, shape):
         return (prod(shape),)
+
+    def groups(self, shape):
+        return [tuple(range(len(shape)))]
 
 
 @dataclass(frozen=True)
@@ -84,8 +99,35 @@ class Conv1D(Transform):
     def hf_shape(self, shape):
         return (prod(shape[: self.n_in]), prod(shape[self.n_in:]))
 
+    def groups(self, shape):
+        return [tuple(range(self.n_in)), tuple(range(self.n_in, len(shape)))]
+
 
 IDENTITY = Transform()
+
+
+def read_block(transform: Transform, shape: tuple[int, ...], index: tuple[slice, ...],
+               read: Callable[[tuple[slice, ...]], np.ndarray]) -> np.ndarray:
+    """`to_jax(full HF tensor)[index]`, reading only a slice of the HF tensor: `read(hf_index)`.
+
+    Each HF dimension holds a row-major group of jaxft dimensions (`Transform.groups`); the slice of the
+    group's first dimension is a contiguous range of the HF dimension, which is all that is read, and
+    slices of the group's other dimensions are applied after. Reads are exact when only leading
+    dimensions of groups are sharded (every rule in `jaxft.parallel.RULES` today: `embed` of `[D, N, H]`,
+    `heads` of `[N, H, D]`) and at most a group's inner rows larger otherwise.
+    """
+    groups = transform.groups(shape)
+    spans = [index[d].indices(shape[d])[:2] for d in range(len(shape))]
+    hf_index, block_shape, order = [], [], []
+    for g in groups:
+        lead, inner = g[0], prod(shape[d] for d in g[1:])
+        start, stop = spans[lead]
+        hf_index.append(slice(start * inner, stop * inner))
+        block_shape += [stop - start] + [shape[d] for d in g[1:]]
+        order += list(g)
+    block = np.asarray(read(tuple(hf_index))).reshape(block_shape).transpose(np.argsort(order))
+    firsts = {g[0] for g in groups}
+    return block[tuple(slice(None) if d in firsts else slice(*spans[d]) for d in range(len(shape)))]
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -108,6 +150,13 @@ class Rule:
     path: str
     transform: Transform = IDENTITY
     init: str | None = None  # `normal` | `zeros` | `ones`: may be absent from a checkpoint (a new head)
+    within: Mapping[str, tuple[int, int]] | None = None  # placeholder → allowed [start, stop)
+
+    def admits(self, idx: Mapping[str, str]) -> bool:
+        return all(lo <= int(idx[p]) < hi for p, (lo, hi) in (self.within or {}).items())
+
+    def offset(self, placeholder: str) -> int:
+        return (self.within or {}).get(placeholder, (0, 0))[0]
 
     @property
     def stacked(self) -> list[str]:
@@ -142,22 +191,9 @@ class NameTable:
     def match_hf(self, name: str) -> tuple[Rule, dict[str, str]] | None:
         for rx, rule in self._hf:
             m = rx.match(name)
-            if m:
+            if m and rule.admits(m.groupdict()):
                 return rule, m.groupdict()
         return None
-
-    def import_(self, hf_names: Iterable[str], read: Callable[[str], np.ndarray],
-                shapes: Mapping[str, tuple[int, ...]], where: str = "checkpoint",
-                locate: Callable[[str], str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-        """Checkpoint tensors → `{path: array}` for every path in `shapes` (all in memory at once; see
-        `sources` and `build` to go parameter by parameter).
-
-        Returns the arrays and the paths that were absent and must be initialised (rules with `init`).
-        Raises naming the tensor for unknown names, unfilled parameters and shape mismatches;
-        `locate(name)` names the file holding a tensor (default: `where`).
-        """
-        found, missing = self.sources(hf_names, shapes, where, locate)
-        return {p: self.build(p, names, shapes[p], read, locate) for p, names in found.items()}, missing
 
     def sources(self, hf_names: Iterable[str], shapes: Mapping[str, tuple[int, ...]], where: str = "checkpoint",
                 locate: Callable[[str], str] | None = None) -> tuple[dict[str, list[str]], list[str]]:
@@ -202,29 +238,36 @@ class NameTable:
             found[path] = names
         return found, missing
 
-    def build(self, path: str, names: list[str], shape: tuple[int, ...], read: Callable[[str], np.ndarray],
+    def build(self, path: str, names: list[str], shape: tuple[int, ...], index: tuple[slice, ...] | None,
+              read: Callable[[str, tuple[slice, ...]], np.ndarray], hf_shape: Callable[[str], tuple[int, ...]],
               locate: Callable[[str], str] | None = None) -> np.ndarray:
-        """The jaxft array of `path` (shape `shape`) from its HF tensors `names` (from `sources`).
+        """`array[index]` of the jaxft parameter `path` (shape `shape`; `index` None = all of it) from its
+        HF tensors `names` (from `sources`), reading only the slices it needs: `read(name, hf_index)`.
 
-        For a stacked parameter, `names` may be a contiguous part of the stack and `shape` that part's
-        shape: only those tensors are read (a host loads only the experts its devices hold).
+        For a stacked parameter only the tensors in the stacked dimensions' part of `index` are read (a
+        host loads only the experts, or layers, its devices hold). Raises naming the tensor and its file
+        when a tensor's shape (`hf_shape(name)`) is not the one the model config implies.
         """
         locate = locate or str
         rule, _ = self.rule_for_path(path)
         n_stack = len(rule.stacked)
-        inner = tuple(shape[n_stack:])
-        want = rule.transform.hf_shape(inner)
+        index = tuple(index) if index is not None else (slice(None),) * len(shape)
+        inner, want = tuple(shape[n_stack:]), rule.transform.hf_shape(tuple(shape[n_stack:]))
+        grid = np.empty(len(names), object)
+        grid[:] = names
+        chosen = grid.reshape(shape[:n_stack])[index[:n_stack]] if n_stack else grid
         parts = []
-        for name in names:
-            t = read(name)
-            if tuple(t.shape) != tuple(want):
-                raise ValueError(f"tensor {name!r} in {locate(name)} has shape {tuple(t.shape)}, but the "
-                                 f"model config implies {tuple(want)}")
-            parts.append(rule.transform.to_jax(t, inner))
-        return np.stack(parts).reshape(shape) if n_stack else parts[0]
+        for name in chosen.reshape(-1):
+            if tuple(hf_shape(name)) != tuple(want):
+                raise ValueError(f"tensor {name!r} in {locate(name)} has shape {tuple(hf_shape(name))}, but "
+                                 f"the model config implies {tuple(want)}")
+            parts.append(read_block(rule.transform, inner, index[n_stack:], lambda hf, n=name: read(n, hf)))
+        if not n_stack:
+            return parts[0]
+        return np.stack(parts).reshape(chosen.shape + parts[0].shape)
 
     def export(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`{path: array}` → `{hf_name: tensor}` (inverse of `import_`)."""
+        """`{path: array}` → `{hf_name: tensor}` (inverse of `build`)."""
         out = {}
         for path, a in arrays.items():
             rule, idx = self.rule_for_path(path)
@@ -234,6 +277,6 @@ class NameTable:
                 continue
             lead = a.shape[: len(stacked)]
             for flat in np.ndindex(*lead):
-                names = dict(idx, **{p: str(i) for p, i in zip(stacked, flat)})
+                names = dict(idx, **{p: str(i + rule.offset(p)) for p, i in zip(stacked, flat)})
                 out[rule.hf.format(**names)] = np.ascontiguousarray(rule.transform.to_hf(a[flat]))
         return out

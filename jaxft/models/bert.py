@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
-from jaxft.models.layers import (Dense, Embed, Keys, LayerNorm, activation, attention, block, dropout, padding_mask,
-                                 residual)
+from jaxft.models.layers import (Dense, Embed, Keys, LayerNorm, activation, attention, dropout, make_layers,
+                                 padding_mask, residual, run_layers)
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class BertConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per encoder block
+    scan_layers: bool = False  # stack the blocks and run them with jax.lax.scan (`layers.run_layers`)
 
     @property
     def head_dim(self) -> int:
@@ -120,7 +121,7 @@ class BertModel(nnx.Module):
 
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
         self.embeddings = BertEmbeddings(cfg, rngs)
-        self.layers = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = make_layers(lambda i: BertLayer(cfg, rngs), cfg.num_hidden_layers, cfg.scan_layers)
         D = cfg.hidden_size
         self.pooler = Dense("BD,DE->BE", (D, D), ("embed", "mlp"), std=cfg.initializer_range,
                             rngs=rngs, **_kw(cfg))
@@ -134,8 +135,8 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         x = residual(self.embeddings(input_ids, token_type_ids, keys))
         mask = padding_mask(attention_mask)
-        for layer in self.layers:
-            x = residual(block(layer, self.remat, x, mask, keys))
+        x, _ = run_layers(self.layers, self.remat, x,
+                          lambda layer, h, i, _: (residual(layer(h, mask, keys.layer(i))), None))
         return x, jnp.tanh(self.pooler(x[:, 0]))
 
 
@@ -159,9 +160,10 @@ class BertForSequenceClassification(nnx.Module):
 
 
 def name_table(cfg: BertConfig, task: str) -> NameTable:
-    """HF `BertForSequenceClassification` names ↔ jaxft paths."""
+    """HF `BertForSequenceClassification` names ↔ jaxft paths (with `scan_layers` the layer index is the
+    stacked leading axis, not part of the path)."""
     L = "bert.encoder.layer.{i}."
-    J = "bert.layers.{i}."
+    J = "bert.layers." if cfg.scan_layers else "bert.layers.{i}."
     rules = [
         Rule("bert.embeddings.word_embeddings.weight", "bert.embeddings.word.embedding"),
         Rule("bert.embeddings.position_embeddings.weight", "bert.embeddings.position.embedding"),

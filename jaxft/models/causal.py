@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 Array = jax.Array
 
@@ -71,6 +72,23 @@ def sequence_masks(input_ids: Array, attention_mask: Array | None, segment_ids: 
     """`{window: mask}` for a full-sequence call; `windows` holds `None` (full attention) and window sizes."""
     slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
     return {w: slot_mask(slots, slots, attention_mask, segment_ids, segment_ids, w) for w in windows}
+
+
+def layer_masks(masks: dict, windows, layers) -> tuple:
+    """Each block's mask for `jaxft.models.layers.run_layers`: `(select, xs)` where `xs[i]` is block `i`'s
+    per-layer input dict and `select(xs[i])` its mask from `masks` (`{window: mask}`, `windows[i]` = block
+    `i`'s window). When blocks differ (Qwen2's sliding layers) `xs[i]` carries the index of its window,
+    which a scan (`layers` stacked, not an `nnx.List`) sees as a traced value, so the distinct masks are
+    stacked once and indexed; otherwise there is nothing per layer to carry.
+    """
+    distinct = list(dict.fromkeys(windows))
+    if len(distinct) == 1:
+        return (lambda _: masks[distinct[0]]), [{} for _ in windows]
+    xs = [{"window": distinct.index(w)} for w in windows]
+    if isinstance(layers, nnx.List):
+        return (lambda x_i: masks[distinct[x_i["window"]]]), xs
+    stacked = jnp.stack([masks[w] for w in distinct])
+    return (lambda x_i: stacked[x_i["window"]]), xs
 
 
 class KVCache(NamedTuple):

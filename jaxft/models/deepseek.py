@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.hf.table import Linear, NameTable, Rule
+from jaxft.hf.table import IDENTITY, Linear, NameTable, Rule
 from jaxft.models import causal, moe, rope as rope_lib
-from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, block, residual
+from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, make_layers, num_layers, residual, run_layers
 from jaxft.models.mla import MLA
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -79,6 +79,7 @@ class DeepseekConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"               # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
+    scan_layers: bool = False         # two stacks (dense first layers, MoE layers), each run by jax.lax.scan
 
     def is_moe(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
@@ -188,28 +189,48 @@ class DecoderLayer(nnx.Module):
 
 
 class DeepseekModel(nnx.Module):
-    """Embeddings, the blocks and the final norm → `(h [B, T, D], (c's, k_rot's), RouterStats)`."""
+    """Embeddings, the blocks and the final norm → `(h [B, T, D], (c's, k_rot's), RouterStats)`.
+
+    The blocks are `layers` (an `nnx.List`, or with `scan_layers` the stacked MoE layers) and, when
+    scanned, `dense_layers` (the stacked first `first_k_dense_replace` layers, whose MLP differs)."""
 
     def __init__(self, cfg: DeepseekConfig, rngs: nnx.Rngs):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        k, L = cfg.first_k_dense_replace, cfg.num_hidden_layers
+        if cfg.scan_layers:
+            self.dense_layers = make_layers(lambda i: DecoderLayer(cfg, i, rngs), k, True) if k else None
+            self.layers = make_layers(lambda i: DecoderLayer(cfg, k + i, rngs), L - k, True) if L > k else None
+        else:
+            self.layers = make_layers(lambda i: DecoderLayer(cfg, i, rngs), L, False)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **_kw(cfg))
-        self.rope, self.experts, self.remat = cfg.rope, cfg.n_routed_experts, cfg.remat
+        self.rope, self.experts, self.remat, self.k = cfg.rope, cfg.n_routed_experts, cfg.remat, k
+
+    def _groups(self) -> list[tuple[nnx.Module, int]]:
+        """`(blocks, index of the first)` in order."""
+        if isinstance(self.layers, nnx.List):
+            return [(self.layers, 0)]
+        return [(g, first) for g, first in ((self.dense_layers, 0), (self.layers, self.k)) if g is not None]
 
     def __call__(self, input_ids, positions, mask, token_mask, keys: Keys, cache: causal.KVCache | None = None):
         x = residual(self.embed_tokens(input_ids))
         cos, sin = rope_lib.cos_sin(self.rope, positions)
+        index = None if cache is None else cache.index
         latents, rots, counts, losses = [], [], [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (c, k_rot), stats = block(layer, self.remat, x, cos, sin, mask, token_mask, keys, kv,
-                                         None if cache is None else cache.index)
-            x = residual(x)
-            latents.append(c)
-            rots.append(k_rot)
-            if stats is not None:
-                counts.append(stats[0])
-                losses.append(stats[1])
+        for group, first in self._groups():
+            def call(layer, h, i, kv, first=first):
+                h, kv, stats = layer(h, cos, sin, mask, token_mask, keys.layer(first + i), kv, index)
+                return residual(h), (kv if cache is not None else None, stats)
+
+            n = num_layers(group)
+            xs = None if cache is None else list(zip(cache.keys[first:first + n], cache.values[first:first + n]))
+            x, outs = run_layers(group, self.remat, x, call, xs)
+            for kv, stats in outs:
+                if kv is not None:
+                    latents.append(kv[0])
+                    rots.append(kv[1])
+                if stats is not None:
+                    counts.append(stats[0])
+                    losses.append(stats[1])
         stats = moe.RouterStats(
             jnp.stack(counts) if counts else jnp.zeros((0, self.experts), jnp.float32),
             jnp.stack(losses) if losses else jnp.zeros((0,), jnp.float32))
@@ -267,35 +288,19 @@ def name_table(cfg: DeepseekConfig, task: str) -> NameTable:
 
     Routed experts are stored per expert in HF (`mlp.experts.{e}.gate_proj.weight`, as `save_pretrained`
     writes them and Hub checkpoints hold them) and stacked along the leading `expert` axis in jaxft.
+    With `scan_layers`, layers `0 … k-1` (dense MLP) stack into `model.dense_layers` and layers `k … L-1`
+    (MoE) into `model.layers`, each with the layer as its leading axis.
     """
-    L, A, M = "model.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-    rules = [Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
-             Rule("model.norm.weight", "model.norm.scale"),
-             Rule(L + "input_layernorm.weight", L + "input_layernorm.scale"),
-             Rule(L + "post_attention_layernorm.weight", L + "post_attention_layernorm.scale"),
-             Rule(A + "kv_a_proj_with_mqa.weight", A + "kv_a_proj_with_mqa.kernel", Linear(1)),
-             Rule(A + "kv_a_layernorm.weight", A + "kv_a_layernorm.scale"),
-             Rule(A + "kv_b_proj.weight", A + "kv_b_proj.kernel", Linear(1)),
-             Rule(A + "o_proj.weight", A + "o_proj.kernel", Linear(2))]
-    if cfg.q_lora_rank is None:
-        rules.append(Rule(A + "q_proj.weight", A + "q_proj.kernel", Linear(1)))
+    H, k, L = "model.layers.{i}.", cfg.first_k_dense_replace, cfg.num_hidden_layers
+    if cfg.scan_layers:
+        groups = [("model.dense_layers.", {"i": (0, k)}, False), ("model.layers.", {"i": (k, L)}, True)]
+        groups = [g for g, n in zip(groups, (k, L - k)) if n]
     else:
-        rules += [Rule(A + "q_a_proj.weight", A + "q_a_proj.kernel", Linear(1)),
-                  Rule(A + "q_a_layernorm.weight", A + "q_a_layernorm.scale"),
-                  Rule(A + "q_b_proj.weight", A + "q_b_proj.kernel", Linear(1))]
-    if cfg.attention_bias:
-        rules += [Rule(A + f"{p}.bias", A + f"{p}.bias")
-                  for p in ("kv_a_proj_with_mqa", "o_proj") + (("q_a_proj",) if cfg.q_lora_rank else ())]
-    for mlp in ("", "shared_experts."):  # the dense layers' MLP and the MoE layers' shared experts
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            rules.append(Rule(M + mlp + f"{p}.weight", M + mlp + f"{p}.kernel", Linear(1)))
-            if cfg.mlp_bias:
-                rules.append(Rule(M + mlp + f"{p}.bias", M + mlp + f"{p}.bias"))
-    rules += [Rule(M + f"experts.{{e}}.{p}.weight", M + f"experts.{p}.kernel", Linear(1))
-              for p in ("gate_proj", "up_proj", "down_proj")]
-    rules.append(Rule(M + "gate.weight", M + "gate.kernel", Linear(1)))
-    if cfg.topk_method == "noaux_tc":
-        rules.append(Rule(M + "gate.e_score_correction_bias", M + "gate.e_score_correction_bias"))
+        groups = [(H, None, None)]  # one list; a layer's MLP kind follows from its tensors
+    rules = [Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
+             Rule("model.norm.weight", "model.norm.scale")]
+    for P, within, is_moe in groups:
+        rules += _layer_rules(cfg, H, P, within, is_moe)
     ignore = [r".*rotary_emb\.inv_freq"]
     # DeepSeek-V3 checkpoints store their multi-token-prediction module(s) as extra layers after the last
     # one; `transformers` does not load them either.
@@ -305,3 +310,39 @@ def name_table(cfg: DeepseekConfig, task: str) -> NameTable:
     else:
         rules.append(Rule("lm_head.weight", "lm_head.kernel", Linear(1)))
     return NameTable(rules, ignore=ignore)
+
+
+def _layer_rules(cfg: DeepseekConfig, H: str, P: str, within, is_moe: bool | None) -> list[Rule]:
+    """Rules of the blocks whose HF names start with `H` and jaxft paths with `P`; `is_moe` None = both
+    MLP kinds (an unscanned list), else only that kind's MLP tensors."""
+    A, M, PA, PM = H + "self_attn.", H + "mlp.", P + "self_attn.", P + "mlp."
+    r = lambda hf, path, t=None: Rule(hf, path, t or IDENTITY, within=within)  # noqa: E731
+    rules = [r(H + "input_layernorm.weight", P + "input_layernorm.scale"),
+             r(H + "post_attention_layernorm.weight", P + "post_attention_layernorm.scale"),
+             r(A + "kv_a_proj_with_mqa.weight", PA + "kv_a_proj_with_mqa.kernel", Linear(1)),
+             r(A + "kv_a_layernorm.weight", PA + "kv_a_layernorm.scale"),
+             r(A + "kv_b_proj.weight", PA + "kv_b_proj.kernel", Linear(1)),
+             r(A + "o_proj.weight", PA + "o_proj.kernel", Linear(2))]
+    if cfg.q_lora_rank is None:
+        rules.append(r(A + "q_proj.weight", PA + "q_proj.kernel", Linear(1)))
+    else:
+        rules += [r(A + "q_a_proj.weight", PA + "q_a_proj.kernel", Linear(1)),
+                  r(A + "q_a_layernorm.weight", PA + "q_a_layernorm.scale"),
+                  r(A + "q_b_proj.weight", PA + "q_b_proj.kernel", Linear(1))]
+    if cfg.attention_bias:
+        rules += [r(A + f"{p}.bias", PA + f"{p}.bias")
+                  for p in ("kv_a_proj_with_mqa", "o_proj") + (("q_a_proj",) if cfg.q_lora_rank else ())]
+    # the dense layers' MLP, the MoE layers' shared experts
+    mlps = {None: ("", "shared_experts."), False: ("",), True: ("shared_experts.",)}[is_moe]
+    for mlp in mlps:
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            rules.append(r(M + mlp + f"{p}.weight", PM + mlp + f"{p}.kernel", Linear(1)))
+            if cfg.mlp_bias:
+                rules.append(r(M + mlp + f"{p}.bias", PM + mlp + f"{p}.bias"))
+    if is_moe is not False:
+        rules += [r(M + f"experts.{{e}}.{p}.weight", PM + f"experts.{p}.kernel", Linear(1))
+                  for p in ("gate_proj", "up_proj", "down_proj")]
+        rules.append(r(M + "gate.weight", PM + "gate.kernel", Linear(1)))
+        if cfg.topk_method == "noaux_tc":
+            rules.append(r(M + "gate.e_score_correction_bias", PM + "gate.e_score_correction_bias"))
+    return rules

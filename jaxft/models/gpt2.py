@@ -20,7 +20,8 @@ from flax import nnx
 
 from jaxft.hf.table import IDENTITY, Conv1D, Flatten, Linear, NameTable, Rule
 from jaxft.models import causal
-from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, attention, block, dropout, residual
+from jaxft.models.layers import (Dense, Embed, Keys, LayerNorm, activation, attention, dropout, make_layers,
+                                 residual, run_layers)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class GPT2Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
+    scan_layers: bool = False  # stack the blocks and run them with jax.lax.scan (`layers.run_layers`)
 
     @property
     def head_dim(self) -> int:
@@ -121,20 +123,21 @@ class GPT2Model(nnx.Module):
         kw, std = _kw(cfg), cfg.initializer_range
         self.wte = Embed(cfg.vocab_size, cfg.n_embd, std=std, rngs=rngs, **kw)
         self.wpe = Embed(cfg.n_positions, cfg.n_embd, axes=("position", "embed"), std=std, rngs=rngs, **kw)
-        self.h = nnx.List([GPT2Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.h = make_layers(lambda i: GPT2Block(cfg, rngs), cfg.n_layer, cfg.scan_layers)
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs=rngs, **kw)
         self.rate, self.remat = cfg.embd_pdrop, cfg.remat
 
     def __call__(self, input_ids, positions, mask, keys: Keys, cache: causal.KVCache | None = None):
         x = residual(dropout(self.wte(input_ids) + self.wpe(positions), self.rate, keys()))
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.h):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = block(layer, self.remat, x, mask, keys, kv, None if cache is None else cache.index)
-            x = residual(x)
-            new_k.append(k)
-            new_v.append(v)
-        return self.ln_f(x), (new_k, new_v)
+        index = None if cache is None else cache.index
+        xs = None if cache is None else list(zip(cache.keys, cache.values))
+
+        def call(layer, h, i, kv):
+            h, kv = layer(h, mask, keys.layer(i), kv, index)
+            return residual(h), (kv if cache is not None else None)
+
+        x, kvs = run_layers(self.h, self.remat, x, call, xs)
+        return self.ln_f(x), ([kv[0] for kv in kvs if kv], [kv[1] for kv in kvs if kv])
 
 
 class GPT2LMHeadModel(nnx.Module):
@@ -178,21 +181,22 @@ class GPT2LMHeadModel(nnx.Module):
 
 
 def name_table(cfg: GPT2Config, task: str) -> NameTable:
-    """HF `GPT2LMHeadModel` names ↔ jaxft paths (the paths mirror the HF module tree)."""
-    H = "transformer.h.{i}."
+    """HF `GPT2LMHeadModel` names ↔ jaxft paths (the paths mirror the HF module tree; with `scan_layers`
+    the layer index is the stacked leading axis, not part of the path)."""
+    H, J = "transformer.h.{i}.", "transformer.h." if cfg.scan_layers else "transformer.h.{i}."
     rules = [Rule("transformer.wte.weight", "transformer.wte.embedding"),
              Rule("transformer.wpe.weight", "transformer.wpe.embedding"),
              Rule("transformer.ln_f.weight", "transformer.ln_f.scale"),
              Rule("transformer.ln_f.bias", "transformer.ln_f.bias"),
-             Rule(H + "attn.c_attn.weight", H + "attn.c_attn.kernel", Conv1D(1)),
-             Rule(H + "attn.c_attn.bias", H + "attn.c_attn.bias", Flatten()),
-             Rule(H + "attn.c_proj.weight", H + "attn.c_proj.kernel", Conv1D(2)),
-             Rule(H + "attn.c_proj.bias", H + "attn.c_proj.bias"),
-             Rule(H + "mlp.c_fc.weight", H + "mlp.c_fc.kernel", IDENTITY),
-             Rule(H + "mlp.c_fc.bias", H + "mlp.c_fc.bias"),
-             Rule(H + "mlp.c_proj.weight", H + "mlp.c_proj.kernel", IDENTITY),
-             Rule(H + "mlp.c_proj.bias", H + "mlp.c_proj.bias")]
-    rules += [Rule(H + f"{ln}.{hf}", H + f"{ln}.{jx}") for ln in ("ln_1", "ln_2")
+             Rule(H + "attn.c_attn.weight", J + "attn.c_attn.kernel", Conv1D(1)),
+             Rule(H + "attn.c_attn.bias", J + "attn.c_attn.bias", Flatten()),
+             Rule(H + "attn.c_proj.weight", J + "attn.c_proj.kernel", Conv1D(2)),
+             Rule(H + "attn.c_proj.bias", J + "attn.c_proj.bias"),
+             Rule(H + "mlp.c_fc.weight", J + "mlp.c_fc.kernel", IDENTITY),
+             Rule(H + "mlp.c_fc.bias", J + "mlp.c_fc.bias"),
+             Rule(H + "mlp.c_proj.weight", J + "mlp.c_proj.kernel", IDENTITY),
+             Rule(H + "mlp.c_proj.bias", J + "mlp.c_proj.bias")]
+    rules += [Rule(H + f"{ln}.{hf}", J + f"{ln}.{jx}") for ln in ("ln_1", "ln_2")
               for hf, jx in (("weight", "scale"), ("bias", "bias"))]
     # Old checkpoints carry the causal-mask buffers `attn.bias` / `attn.masked_bias`; transformers drops them.
     ignore = [r"transformer\.h\.\d+\.attn\.(bias|masked_bias)"]

@@ -30,19 +30,82 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
-def block(layer: nnx.Module, remat: str, x: Array, *args):
-    """`layer(x, *args)` with the block rematerialised under the policy `remat` (`REMAT_POLICIES`).
-
-    Rematerialisation trades compute for memory and leaves results unchanged. Only `x` and the layer's
-    parameters pass through the checkpoint; `args` (masks, RoPE tables, dropout keys) are closed over.
-    """
-    if remat == "none":
-        return layer(x, *args)
+def remat_policy(remat: str):
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown model.remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-    # The block only reads its state, so nothing is written back (graph_updates=False), which also lets it
-    # hold variables created outside the trace (e.g. a router bias `Buffer`).
-    return nnx.remat(lambda mod, y: mod(y, *args), policy=REMAT_POLICIES[remat], graph_updates=False)(layer, x)
+    return REMAT_POLICIES[remat]
+
+
+def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
+    """`L` blocks of one structure → one module of their class whose every variable has a leading `[L]`
+    axis, named `layers` in its logical axes (`model.scan_layers`; run it with `run_layers`).
+
+    Each block is built as usual first (same initialisers, same parameter names below the stack), so a
+    scanned model differs from a looped one only in where the layer index lives: in the parameter's
+    leading axis instead of its path. Raises if the blocks differ in structure or static attributes.
+    """
+    graphdef, _ = nnx.split(layers[0])
+    states = []
+    for i, layer in enumerate(layers):
+        g, state = nnx.split(layer)
+        if g != graphdef:
+            raise ValueError(f"layer {i} differs in structure from layer 0, so the layers cannot be "
+                             f"scanned (model.scan_layers)")
+        states.append(state)
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    for _, var in nnx.to_flat_state(nnx.state(stacked)):
+        var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
+    return stacked
+
+
+def run_layers(layers: nnx.List | nnx.Module, remat: str, x: Array, call: Callable, xs: Sequence | None = None):
+    """Run the blocks in order, `x, y_i = call(layer_i, x, i, xs[i])`, and return `(x, [y_0, …])`.
+
+    `layers` is either an `nnx.List` of blocks (a Python loop: one copy of the block per layer in the
+    compiled program) or one stacked block from `stack_layers` (`jax.lax.scan`: the block is traced and
+    compiled once, so compile time no longer grows with depth). `i` is a Python int in the loop and a
+    traced int32 in the scan, and `xs[i]` is that layer's slice of per-layer inputs (e.g. its KV cache);
+    both modes compute the same function. `remat` rematerialises each block under a policy of
+    `REMAT_POLICIES` (results unchanged, memory traded for compute); `call`'s closed-over arguments
+    (masks, RoPE tables) are not saved per layer.
+    """
+    policy = remat_policy(remat)
+    if isinstance(layers, nnx.List):
+        ys = []
+        for i, layer in enumerate(layers):
+            xi = None if xs is None else xs[i]
+            fn = lambda mod, h, i=i, xi=xi: call(mod, h, i, xi)  # noqa: E731
+            if remat != "none":
+                # The block only reads its state, so nothing is written back (graph_updates=False), which
+                # also lets it hold variables created outside the trace (e.g. a router bias `Buffer`).
+                fn = nnx.remat(fn, policy=policy, graph_updates=False)
+            x, y = fn(layer, x)
+            ys.append(y)
+        return x, ys
+    graphdef, state = nnx.split(layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+
+    def body(h, inputs):
+        layer_state, i, xi = inputs
+        return call(nnx.merge(graphdef, layer_state), h, i, xi)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    stacked_xs = None if xs is None else jax.tree.map(lambda *a: jnp.stack(a), *xs)
+    x, ys = jax.lax.scan(body, x, (state, jnp.arange(n, dtype=jnp.int32), stacked_xs))
+    return x, [jax.tree.map(lambda a, i=i: a[i], ys) for i in range(n)]
+
+
+def num_layers(layers: nnx.List | nnx.Module) -> int:
+    if isinstance(layers, nnx.List):
+        return len(layers)
+    return jax.tree.leaves(nnx.state(layers))[0].shape[0]
+
+
+def make_layers(build: Callable[[int], nnx.Module], n: int, scan: bool) -> nnx.List | nnx.Module:
+    """The `n` blocks `build(i)` as an `nnx.List`, or stacked for `jax.lax.scan` when `scan`."""
+    layers = [build(i) for i in range(n)]
+    return stack_layers(layers) if scan else nnx.List(layers)
 
 
 def residual(x: Array) -> Array:
@@ -154,6 +217,9 @@ def activation(name: str, field: str = "hidden_act") -> Callable[[Array], Array]
     return ACTIVATIONS[name]
 
 
+_LAYER_STREAM = 0x7A7E25  # separates per-layer streams from the model's own draws
+
+
 class Keys:
     """Deterministic stream of dropout keys derived from one key, or `None`s when not training.
 
@@ -169,6 +235,13 @@ class Keys:
             return None
         self.count += 1
         return jax.random.fold_in(self.key, self.count)
+
+    def layer(self, i: int | Array) -> "Keys":
+        """The stream of block `i`: derived from the layer index, not from how many keys were drawn
+        before, so a scanned block (traced once for all layers) draws the same masks as a looped one."""
+        if self.key is None:
+            return Keys(None)
+        return Keys(jax.random.fold_in(jax.random.fold_in(self.key, _LAYER_STREAM), i))
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:

@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
 from jaxft.models import causal, rope as rope_lib
-from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, attention, block, residual
+from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, attention, make_layers, residual, run_layers
 from jaxft.parallel import constrain
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -61,6 +61,7 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
+    scan_layers: bool = False  # stack the blocks and run them with jax.lax.scan (`layers.run_layers`)
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.sliding_layers[layer] else None
@@ -118,7 +119,7 @@ def _kw(cfg: DecoderConfig) -> dict:
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE; `N` query heads share `K` key/value heads."""
 
-    def __init__(self, cfg: DecoderConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
         kw, std = _kw(cfg), cfg.initializer_range
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = Dense("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"),
@@ -133,10 +134,10 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(H, cfg.rms_norm_eps, axes=("head_dim",), rngs=rngs, **kw)
             self.k_norm = RMSNorm(H, cfg.rms_norm_eps, axes=("head_dim",), rngs=rngs, **kw)
         self.qk_norm = cfg.qk_norm
-        self.window = cfg.window(layer)
         self.rate = cfg.attention_dropout
 
-    def __call__(self, x, cos, sin, masks, keys: Keys, kv=None, index=None):
+    def __call__(self, x, cos, sin, mask, keys: Keys, kv=None, index=None):
+        """`mask`: this layer's attention mask (full or sliding window, see `causal.layer_masks`)."""
         q = constrain(self.q_proj(x), ("batch", "length", "heads", "head_dim"))
         k = constrain(self.k_proj(x), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(self.v_proj(x), ("batch", "length", "kv_heads", "head_dim"))
@@ -145,7 +146,7 @@ class Attention(nnx.Module):
         q, k = rope_lib.apply(q, cos, sin), rope_lib.apply(k, cos, sin)
         if kv is not None:
             k, v = causal.write(kv[0], k, index), causal.write(kv[1], v, index)
-        out = attention(q, k, v, masks[self.window], dropout_rate=self.rate, dropout_key=keys())
+        out = attention(q, k, v, mask, dropout_rate=self.rate, dropout_key=keys())
         return self.o_proj(out), (k, v)
 
 
@@ -166,15 +167,15 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
         kw = _kw(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
-        self.self_attn = Attention(cfg, layer, rngs)
+        self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, masks, keys: Keys, kv=None, index=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, masks, keys, kv, index)
+    def __call__(self, x, cos, sin, mask, keys: Keys, kv=None, index=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, keys, kv, index)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -185,22 +186,27 @@ class DecoderModel(nnx.Module):
     def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
         kw = _kw(cfg)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        self.layers = make_layers(lambda i: DecoderLayer(cfg, rngs), cfg.num_hidden_layers, cfg.scan_layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
         self.rope, self.remat = cfg.rope, cfg.remat
+        self.windows = tuple(cfg.window(i) for i in range(cfg.num_hidden_layers))
 
     def __call__(self, input_ids, positions, masks, keys: Keys, cache: causal.KVCache | None = None):
+        """`masks`: `{window: mask}` for the distinct windows; → `(h, (keys, values))`, the per-layer K/V
+        written to `cache` (empty lists without a cache)."""
         x = residual(self.embed_tokens(input_ids))
         cos, sin = rope_lib.cos_sin(self.rope, positions)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = block(layer, self.remat, x, cos, sin, masks, keys, kv,
-                              None if cache is None else cache.index)
-            x = residual(x)
-            new_k.append(k)
-            new_v.append(v)
-        return self.norm(x), (new_k, new_v)
+        select, xs = causal.layer_masks(masks, self.windows, self.layers)
+        index = None if cache is None else cache.index
+        if cache is not None:
+            xs = [dict(x_i, kv=kv) for x_i, kv in zip(xs, zip(cache.keys, cache.values))]
+
+        def call(layer, h, i, x_i):
+            h, kv = layer(h, cos, sin, select(x_i), keys.layer(i), x_i.get("kv"), index)
+            return residual(h), (kv if cache is not None else None)
+
+        x, kvs = run_layers(self.layers, self.remat, x, call, xs)
+        return self.norm(x), ([kv[0] for kv in kvs if kv], [kv[1] for kv in kvs if kv])
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -245,25 +251,27 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def name_table(cfg: DecoderConfig, task: str) -> NameTable:
-    """HF `*ForCausalLM` names ↔ jaxft paths (the paths mirror the HF module tree)."""
-    L = "model.layers.{i}."
+    """HF `*ForCausalLM` names ↔ jaxft paths (the paths mirror the HF module tree). With
+    `scan_layers` the layer index leaves the path and becomes the stacked leading axis."""
+    H = "model.layers.{i}."
+    P = "model.layers." if cfg.scan_layers else H
     rules = [Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
              Rule("model.norm.weight", "model.norm.scale"),
-             Rule(L + "input_layernorm.weight", L + "input_layernorm.scale"),
-             Rule(L + "post_attention_layernorm.weight", L + "post_attention_layernorm.scale")]
+             Rule(H + "input_layernorm.weight", P + "input_layernorm.scale"),
+             Rule(H + "post_attention_layernorm.weight", P + "post_attention_layernorm.scale")]
     for p in ("q_proj", "k_proj", "v_proj"):
-        rules.append(Rule(L + f"self_attn.{p}.weight", L + f"self_attn.{p}.kernel", Linear(1)))
+        rules.append(Rule(H + f"self_attn.{p}.weight", P + f"self_attn.{p}.kernel", Linear(1)))
         if cfg.qkv_bias:
-            rules.append(Rule(L + f"self_attn.{p}.bias", L + f"self_attn.{p}.bias", Flatten()))
-    rules.append(Rule(L + "self_attn.o_proj.weight", L + "self_attn.o_proj.kernel", Linear(2)))
+            rules.append(Rule(H + f"self_attn.{p}.bias", P + f"self_attn.{p}.bias", Flatten()))
+    rules.append(Rule(H + "self_attn.o_proj.weight", P + "self_attn.o_proj.kernel", Linear(2)))
     if cfg.o_bias:
-        rules.append(Rule(L + "self_attn.o_proj.bias", L + "self_attn.o_proj.bias"))
+        rules.append(Rule(H + "self_attn.o_proj.bias", P + "self_attn.o_proj.bias"))
     if cfg.qk_norm:
-        rules += [Rule(L + f"self_attn.{p}.weight", L + f"self_attn.{p}.scale") for p in ("q_norm", "k_norm")]
+        rules += [Rule(H + f"self_attn.{p}.weight", P + f"self_attn.{p}.scale") for p in ("q_norm", "k_norm")]
     for p in ("gate_proj", "up_proj", "down_proj"):
-        rules.append(Rule(L + f"mlp.{p}.weight", L + f"mlp.{p}.kernel", Linear(1)))
+        rules.append(Rule(H + f"mlp.{p}.weight", P + f"mlp.{p}.kernel", Linear(1)))
         if cfg.mlp_bias:
-            rules.append(Rule(L + f"mlp.{p}.bias", L + f"mlp.{p}.bias"))
+            rules.append(Rule(H + f"mlp.{p}.bias", P + f"mlp.{p}.bias"))
     ignore = [r".*rotary_emb\.inv_freq"]
     if cfg.tie_word_embeddings:
         ignore.append(r"lm_head\.weight")  # transformers re-ties it to the embedding on load

@@ -115,7 +115,8 @@ class Trainer:
         self.batches = self.task.splits["train"]
         self.total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(self.batches)))
         model = load_model(model_dir, cfg.model.task, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                           mesh=self.mesh, seed=cfg.train.seed, remat=cfg.model.remat, **self.task.model_kwargs)
+                           mesh=self.mesh, seed=cfg.train.seed, remat=cfg.model.remat,
+                           scan_layers=cfg.model.scan_layers, **self.task.model_kwargs)
         self.fn = Functional(model)
         frozen = is_router_param if cfg.model.moe.freeze_router else None
         tx, lr = make_optimizer(cfg.optim, self.total, frozen)

@@ -85,7 +85,7 @@ def restore_model(run_dir: str | Path, cfg: Config | None = None, mesh=None, ste
         model = load_model(cfg.model.name_or_path, cfg.model.task,
                            num_labels=len(labels) if labels else cfg.model.num_labels,
                            dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh,
-                           seed=cfg.train.seed)
+                           seed=cfg.train.seed, scan_layers=cfg.model.scan_layers)
         fn = Functional(model)
         restored, _ = ckpts.restore(step, {"params": fn.params})
         trained = fn.module(restored["params"])
