@@ -91,6 +91,11 @@ def test_llama3_8b_fsdp_shards_every_weight(tmp_path):
     remat = plan(cfg)
     assert remat.per_device["activations"] < p.per_device["activations"] / 2
     assert remat.per_device["params"] == p.per_device["params"]
+    # scanned layers: the same parameters and (under remat full) the same saved block inputs
+    cfg.model.scan_layers = True
+    scanned = plan(cfg)
+    assert scanned.param_count == p.param_count and scanned.per_device["params"] == p.per_device["params"]
+    assert scanned.per_device["activations"] == pytest.approx(remat.per_device["activations"], rel=1e-3)
 
 
 def test_compiled_plan_on_this_machine(tmp_path, caplog):

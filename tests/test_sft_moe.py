@@ -1,4 +1,6 @@
-"""DeepSeek SFT through the CLI: the loss falls, router statistics are logged, the router can be frozen."""
+"""DeepSeek SFT through the CLI: the loss falls, router statistics are logged, the router can be frozen.
+The run scans its layers (`model.scan_layers`: a dense stack and an MoE stack), so the CLI's train,
+checkpoint and export path is exercised on stacked parameters too."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def test_deepseek_sft_logs_router_stats_and_freezes_the_router(tmp_path):
     assert main(["train", str(ROOT / "configs" / "sft_tiny.yaml"), f"model.name_or_path={folder}",
                  f"data.train={tmp_path / 'rows.jsonl'}", "data.format=prompt_completion", "data.packing=false",
                  "train.steps=40", "train.log_every=10", "model.moe.aux_loss_coef=0.01",
-                 "model.moe.freeze_router=true", f"output_dir={run}"]) == 0
+                 "model.moe.freeze_router=true", "model.scan_layers=true", f"output_dir={run}"]) == 0
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert train[-1]["loss"] < 0.5 * train[0]["loss"]
     for row in train:
