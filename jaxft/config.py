@@ -128,6 +128,7 @@ class TrainSection(Section):
 class MeshSection(Section):
     data: int = -1
     fsdp: int = 1
+    sequence: int = Field(1, description="split every row's tokens over this many devices (long context)")
     tensor: int = 1
     expert: int = 1
     # multi-host start-up (jaxft.parallel.initialize_distributed)
@@ -140,7 +141,7 @@ class MeshSection(Section):
 
     @model_validator(mode="after")
     def _sizes(self):
-        for k in ("data", "fsdp", "tensor", "expert"):
+        for k in ("data", "fsdp", "sequence", "tensor", "expert"):
             v = getattr(self, k)
             if v == 0 or v < -1:
                 raise ValueError(f"mesh.{k}={v}: use a positive size or -1 (the remaining devices)")

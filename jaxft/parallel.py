@@ -4,11 +4,13 @@ Modules name the axes of their parameters and activations (`embed`, `mlp`, `head
 alone decides how those names land on the mesh `(data, fsdp, tensor, expert)`:
 
     batch → (data, fsdp)    embed, q_lora, kv_lora → fsdp    heads/kv_heads/mlp/vocab → tensor
-    expert → expert
+    expert → expert         length → sequence
 
 so parameters and optimizer state are FSDP-sharded over `fsdp` (each weight along its model-width or
 latent dimension), attention heads and MLP width are split over `tensor`, MoE experts over `expert`,
-and batches over `(data, fsdp)`. A dimension whose size is not divisible by its mesh axes is replicated
+batches over `(data, fsdp)`, and with a `sequence` axis (long-context fine-tuning) every activation along
+its token axis: each device holds T/sequence tokens of its rows, and attention gathers the keys and
+values of the whole row (`jaxft.models.layers.attention`). A dimension whose size is not divisible by its mesh axes is replicated
 instead (a tiny model on a big mesh still runs), and a mesh axis is used at most once per array, in
 the order of the array's dimensions (an activation `('batch', 'length', 'embed')` shards its batch over
 `fsdp` and leaves `embed` whole).
@@ -37,7 +39,7 @@ log = logging.getLogger("jaxft")
 
 # Ordered by increasing communication intensity (what `mesh_utils.create_device_mesh` expects), so the
 # most chatty axes land on the closest devices of a TPU torus.
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "expert", "tensor")
 
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
@@ -54,7 +56,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "position": (),
     "token_type": (),
     "classes": (),
-    "length": (),
+    "length": ("sequence",),
     "layers": (),          # the stacked layer axis of `model.scan_layers`: every device holds every layer
 }
 
@@ -82,7 +84,8 @@ def _show(sizes: Mapping[str, int]) -> str:
 
 
 def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
-    """A mesh over all devices (of every process) with the sizes of `mesh.{data, fsdp, tensor, expert}`.
+    """A mesh over all devices (of every process) with the sizes of `mesh.{data, fsdp, sequence, expert,
+    tensor}`.
 
     Devices are laid out by `mesh_utils.create_device_mesh`, which follows the physical topology on
     TPU (tensor-parallel neighbours on the fastest links) and keeps device order elsewhere.
@@ -145,8 +148,14 @@ def place(value: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None) -> j
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches are split over `(data, fsdp)` on their leading axis."""
-    return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))
+    """Batches are split over `(data, fsdp)` on their leading axis and, for `[B, T]` token arrays, over
+    `sequence` on their second (a mesh without a `sequence` axis leaves it whole)."""
+    length = RULES["length"] if ndim >= 2 and all(mesh.shape[a] > 1 for a in RULES["length"]) else None
+    return NamedSharding(mesh, P(RULES["batch"], *([length] + [None] * (ndim - 2))[:ndim - 1]))
+
+
+def sequence_parallel_size(mesh) -> int:
+    return math.prod(mesh.shape[a] for a in RULES["length"])
 
 
 def data_parallel_size(mesh) -> int:

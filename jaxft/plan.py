@@ -57,7 +57,7 @@ class MemoryPlan:
     local_devices: int
     method: str                    # "compiled" (XLA memory analysis) or "analytic"
     backend: str                   # the JAX backend that compiled it (cpu, gpu, tpu)
-    batch: dict[str, int]          # global, grad_accum, per_device (rows per micro-batch), length
+    batch: dict[str, int]          # global, grad_accum, per_device (rows per micro-batch), length, length_per_device
     per_device: dict[str, int]     # bytes: params, opt_state, gradients, activations, peak; compiled: xla_arguments,
                                    # xla_temp
     settings: dict[str, str]       # dtype, param_dtype, remat
@@ -82,7 +82,9 @@ class MemoryPlan:
             f"remat {self.settings['remat']}",
             f"mesh         {mesh} ({self.devices} devices) — {where}",
             f"batch        {b['global']} sequences × {b['length']} tokens, grad_accum {b['grad_accum']}: "
-            f"{b['per_device']} per data-parallel device per micro-batch",
+            f"{b['per_device']} per data-parallel device per micro-batch"
+            + (f", {b['length_per_device']} tokens of each per device (sequence-parallel)"
+               if b["length_per_device"] != b["length"] else ""),
             "per device",
             f"  parameters        {_gib(d['params'])}",
             f"  optimizer state   {_gib(d['opt_state'])}",
@@ -205,7 +207,11 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     shard = state_shardings(fn, tx, mesh)
     opt_shapes = jax.eval_shape(tx.init, fn.params)
     loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef) if cfg.model.task == "causal-lm" else classification_loss
-    micro = batch_shapes(cfg.model.task, B // (dp * accum), T, cfg.data.packing)
+    sp = parallel.sequence_parallel_size(mesh)
+    if T % sp:
+        raise ValueError(f"data.max_length={T} must be divisible by mesh.sequence={sp}")
+    # one device's share of a micro-batch: its rows and, under a `sequence` axis, its slice of their tokens
+    micro = batch_shapes(cfg.model.task, B // (dp * accum), T // sp, cfg.data.packing)
     d = {"params": sharded_bytes(fn.params, shard["params"]),
          "opt_state": sharded_bytes(opt_shapes, shard["opt_state"])}
     d["gradients"] = d["params"] * (2 if accum > 1 else 1)   # accumulated + one micro-batch's when accumulating
@@ -223,7 +229,8 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
         model=label, param_count=sum(math.prod(p.shape) for p in fn.params.values()),
         mesh={a: int(mesh.shape[a]) for a in parallel.MESH_AXES}, devices=int(math.prod(mesh.shape.values())),
         local_devices=local, method=method, backend=jax.default_backend(),
-        batch={"global": B, "grad_accum": accum, "per_device": B // (dp * accum), "length": T},
+        batch={"global": B, "grad_accum": accum, "per_device": B // (dp * accum), "length": T,
+               "length_per_device": T // sp},
         per_device=d, settings={"dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
                                 "remat": cfg.model.remat})
 
@@ -262,7 +269,9 @@ def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None,
                              if hasattr(x, "addressable_shards"))
     held, grads = local(state), local(state["params"])
     dp, accum = parallel.data_parallel_size(mesh), cfg.train.grad_accum
-    micro = batch_shapes(cfg.model.task, cfg.train.batch_size // (dp * accum), cfg.data.max_length, cfg.data.packing)
+    sp = parallel.sequence_parallel_size(mesh)
+    micro = batch_shapes(cfg.model.task, cfg.train.batch_size // (dp * accum), cfg.data.max_length // sp,
+                         cfg.data.packing)
     acts = activation_bytes(fn, loss, micro, mesh.shape["tensor"])
     peak = held + grads * (2 if accum > 1 else 1) + acts
     log.info("memory per device (estimate): state %.2f GiB + gradients %.2f GiB + activations %.2f GiB = %.2f GiB "

@@ -82,8 +82,11 @@ def run_one(r: dict) -> dict:
     step = make_train_step(fn, LOSSES[r["task"]], tx, lr, r.get("grad_accum", 1))
     losses = []
     data = batches(r["task"], model.hf_config["vocab_size"], steps, r.get("batch", 16), r.get("length", 16))
+    batch_spec = None
     for i, b in enumerate(data):
-        state, m = step(state, to_device(b, mesh))
+        b = to_device(b, mesh)
+        batch_spec = [list(e) if isinstance(e, tuple) else e for e in b["input_ids"].sharding.spec]
+        state, m = step(state, b)
         losses.append(float(m["loss"]))
         if i + 1 == r.get("checkpoint_at"):
             state = save_and_restore(state, i + 1, r["run_dir"])
@@ -96,7 +99,8 @@ def run_one(r: dict) -> dict:
 
     params = {k: describe(v) for k, v in state["params"].items()}
     opt = [describe(x) for x in jax.tree.leaves(state["opt_state"])]
-    out = {"losses": losses, "params": params, "opt_state": opt, "devices": int(mesh.size), "reads": reads}
+    out = {"losses": losses, "params": params, "opt_state": opt, "devices": int(mesh.size), "reads": reads,
+           "batch_spec": batch_spec}
     if r.get("save"):
         trained = fn.module(state["params"])
         trained.hf_config, trained.source_dir = model.hf_config, model.source_dir

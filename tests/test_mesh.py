@@ -66,7 +66,8 @@ def assert_same_losses(ref: dict, got: dict, label: str) -> None:
 
 
 def test_mesh_shape_checks_the_device_count():
-    assert parallel.mesh_shape({"data": -1, "tensor": 2}, 8) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert parallel.mesh_shape({"data": -1, "tensor": 2}, 8) == {"data": 4, "fsdp": 1, "sequence": 1, "expert": 1,
+                                                                 "tensor": 2}
     with pytest.raises(ValueError, match=r"mesh \{data: 2, fsdp: 2, tensor: 3\} needs 12 devices, but 8 are available"):
         parallel.mesh_shape({"data": 2, "fsdp": 2, "tensor": 3}, 8)
     with pytest.raises(ValueError, match="8 devices are not divisible by the product of the fixed axes \\(3\\)"):
@@ -78,7 +79,7 @@ def test_mesh_shape_checks_the_device_count():
 def test_rules_shard_each_weight_once_per_mesh_axis():
     from jax.sharding import AbstractMesh, PartitionSpec as P
 
-    mesh = AbstractMesh((2, 4, 1, 2), parallel.MESH_AXES)
+    mesh = AbstractMesh((2, 4, 1, 1, 2), parallel.MESH_AXES)
     assert parallel.spec(("embed", "heads", "head_dim"), (32, 4, 8), mesh) == P("fsdp", "tensor", None)
     assert parallel.spec(("expert", "embed", "mlp"), (8, 32, 16), mesh) == P(None, "fsdp", "tensor")
     assert parallel.spec(("batch", "length", "embed"), (16, 8, 32), mesh) == P(("data", "fsdp"), None, None)
@@ -99,15 +100,18 @@ def test_sharded_training_equals_one_device(tmp_path):
     # plus gradient accumulation on the mesh: 4 micro-batches of 8 vs one batch of 32 on one device
     accum = [dict(causal(llama, None), batch=32), dict(causal(llama, MESH_2x2x2), batch=32, grad_accum=4)]
     scanned = dict(causal(llama, MESH_2x2x2), scan_layers=True, remat="full")
+    long = causal(llama, {"fsdp": 2, "sequence": 2, "tensor": 2})                 # sequence parallelism
     runs = [dict(causal(llama, m), count_reads=m == {"fsdp": 8}) for m in meshes]
-    a = start({"runs": runs + accum + [scanned]}, tmp_path / "a.json")
-    b = start({"runs": [{"model": str(bert), "task": "sequence-classification", "mesh": m} for m in (None, MESH_2x2x2)]
+    a = start({"runs": runs + accum + [scanned, long]}, tmp_path / "a.json")
+    bert_run = lambda mesh: {"model": str(bert), "task": "sequence-classification", "mesh": mesh}  # noqa: E731
+    b = start({"runs": [bert_run(m) for m in (None, MESH_2x2x2, {"data": 2, "sequence": 4})]
                + [causal(deepseek, m) for m in (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)]
-               + [dict(causal(deepseek, {"fsdp": 2, "expert": 4}), scan_layers=True)]}, tmp_path / "b.json")
-    llama_runs, (bert_1, bert_8, ds_1, ds_ep, ds_8, ds_scan) = finish(a), finish(b)
-    big, accumulated, llama_scan = llama_runs[-3:]
+               + [dict(causal(deepseek, {"fsdp": 2, "expert": 4}), scan_layers=True),
+                  causal(deepseek, {"sequence": 2, "expert": 4})]}, tmp_path / "b.json")
+    llama_runs, (bert_1, bert_8, bert_sp, ds_1, ds_ep, ds_8, ds_scan, ds_sp) = finish(a), finish(b)
+    big, accumulated, llama_scan, llama_sp = llama_runs[-4:]
     np.testing.assert_allclose(accumulated["losses"], big["losses"], rtol=1e-5, err_msg="grad_accum 4 x 8 vs 32")
-    llama_runs = llama_runs[:-3]
+    llama_runs = llama_runs[:-4]
 
     for mesh, run in zip(meshes[1:], llama_runs[1:]):
         assert_same_losses(llama_runs[0], run, f"llama {mesh}")
@@ -116,6 +120,13 @@ def test_sharded_training_equals_one_device(tmp_path):
     assert_same_losses(ds_1, ds_8, "deepseek (2, 2, 2)")
     assert_same_losses(llama_runs[0], llama_scan, "llama scanned + remat (2, 2, 2)")
     assert_same_losses(ds_1, ds_scan, "deepseek scanned (fsdp 2, expert 4)")
+    assert_same_losses(llama_runs[0], llama_sp, "llama (fsdp 2, sequence 2, tensor 2)")
+    assert_same_losses(bert_1, bert_sp, "bert (data 2, sequence 4)")
+    assert_same_losses(ds_1, ds_sp, "deepseek (sequence 2, expert 4)")
+    # Under `sequence` the batches' token axis is split too.
+    assert llama_sp["batch_spec"] == [["data", "fsdp"], "sequence"]
+    assert bert_sp["batch_spec"] == [["data", "fsdp"], "sequence"]
+    assert llama_runs[0]["batch_spec"] == [["data", "fsdp"], None]
     assert llama_runs[0]["losses"][-1] < llama_runs[0]["losses"][0]       # it trains
 
     # Shardings as the rules say: FSDP over the model width, tensor over heads / MLP / vocab, experts.
@@ -149,3 +160,23 @@ def test_sharded_training_equals_one_device(tmp_path):
     assert per_device <= total / 8 * 1.1, (per_device, total)
     moments = [x for x in run["opt_state"] if x["shape"] == [32, 4, 8]]
     assert len(moments) == 4 and all(x["shard_shape"] == [4, 4, 8] for x in moments)   # mu, nu of both q_proj
+
+
+def test_sequence_axis_needs_lengths_it_divides():
+    """Every batch's token axis is split evenly over `mesh.sequence`, so the padded lengths must divide."""
+    from jax.sharding import AbstractMesh
+
+    from jaxft.config import ConfigError, load_config
+    from jaxft.train.loop import check_batch
+
+    mesh = AbstractMesh((1, 1, 4, 1, 1), parallel.MESH_AXES)
+    base = ["model.name_or_path=x", "data.train=x.tsv", "train.batch_size=8"]
+    check_batch(load_config(None, base + ["data.max_length=64"]), mesh)
+    with pytest.raises(ConfigError, match="data.max_length=66 must be divisible by mesh.sequence=4"):
+        check_batch(load_config(None, base + ["data.max_length=66"]), mesh)
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of=6 must be divisible by mesh.sequence=4"):
+        check_batch(load_config(None, base + ["data.pad_to_multiple_of=6"]), mesh)
+    from jax.sharding import PartitionSpec as P
+
+    assert parallel.batch_sharding(mesh, 2).spec == P(("data", "fsdp"), "sequence")
+    assert parallel.batch_sharding(mesh, 1).spec == P(("data", "fsdp"))

@@ -67,8 +67,8 @@ def test_deepseek_v3_on_a_described_pod(tmp_path):
     p = plan(load_config(path))
     assert p.param_count == deepseek_v3_count(DEEPSEEK_V3) == 671_026_404_352
     assert p.method == "analytic" and p.devices == 256 and p.local_devices == 1
-    assert p.mesh == {"data": 1, "fsdp": 64, "expert": 4, "tensor": 1}
-    assert p.batch == {"global": 256, "grad_accum": 1, "per_device": 4, "length": 4096}
+    assert p.mesh == {"data": 1, "fsdp": 64, "sequence": 1, "expert": 4, "tensor": 1}
+    assert p.batch == {"global": 256, "grad_accum": 1, "per_device": 4, "length": 4096, "length_per_device": 4096}
     d = p.per_device
     total = p.param_count * 4                                          # float32 master weights
     # Routed experts (97% of the weights) are split 256 ways (expert × fsdp), the rest 64 ways (fsdp).
@@ -152,3 +152,17 @@ def test_cli_prints_the_plan_and_json(tmp_path, capsys):
     # a batch the mesh cannot split is a user error (exit 2) naming the keys
     assert cli.main(["plan", str(path), "mesh.fsdp=128"]) == 2
     assert "train.batch_size=64 must be divisible by the data-parallel devices (128)" in capsys.readouterr().err
+
+
+def test_sequence_axis_splits_the_activations(tmp_path):
+    """`mesh.sequence=4` on a described mesh: each device traces a quarter of every row's tokens."""
+    path = write_run(tmp_path, LLAMA3_8B, data={"max_length": 4096}, train={"batch_size": 32},
+                     mesh={"fsdp": 8, "sequence": 4}, model={"remat": "full"})
+    cfg = load_config(path)
+    p = plan(cfg, devices=32)
+    assert p.batch["per_device"] == 4 and p.batch["length_per_device"] == 1024 and p.mesh["sequence"] == 4
+    cfg.mesh.sequence, cfg.mesh.expert = 1, 4        # the same 32 devices and rows per device, rows whole
+    whole = plan(cfg, devices=32)
+    assert whole.batch["length_per_device"] == 4096
+    assert p.per_device["activations"] < whole.per_device["activations"] / 2
+    assert "1024 tokens of each per device (sequence-parallel)" in p.report()

@@ -263,6 +263,10 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float 
     `is_causal` + sequence lengths rather than a dense mask; a splash kernel on TPU) has one call site.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    # Under a `sequence` mesh axis each device holds a slice of the queries and needs every key and value
+    # of their rows: gather K/V along the length (a no-op otherwise).
+    heads = "kv_heads" if k.shape[2] != q.shape[2] else "heads"
+    k, v = (constrain(t, ("batch", None, heads, "head_dim")) for t in (k, v))
     if dropout_key is None or dropout_rate == 0.0:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     n, kv = q.shape[2], k.shape[2]

@@ -75,8 +75,14 @@ def check_batch(cfg: Config, mesh) -> None:
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     if eval_bs % dp:
         raise ConfigError(f"train.eval_batch_size={eval_bs} must be divisible by the data-parallel devices ({dp})")
-    log.info("mesh %s: global batch %d = %d device(s) × %d micro-batch(es) × %d per device",
-             dict(mesh.shape), cfg.train.batch_size, dp, cfg.train.grad_accum, cfg.train.batch_size // per)
+    sp = parallel.sequence_parallel_size(mesh)
+    for key, value in (("data.max_length", cfg.data.max_length), ("data.pad_to_multiple_of", cfg.data.pad_to_multiple_of)):
+        if value % sp:
+            raise ConfigError(f"{key}={value} must be divisible by mesh.sequence={sp}: every batch's length is "
+                              f"split evenly over the sequence-parallel devices")
+    log.info("mesh %s: global batch %d = %d device(s) × %d micro-batch(es) × %d per device%s",
+             dict(mesh.shape), cfg.train.batch_size, dp, cfg.train.grad_accum, cfg.train.batch_size // per,
+             f", each row's tokens split over {sp} devices" if sp > 1 else "")
 
 
 def _fault_steps() -> set[int]:
