@@ -1,42 +1,130 @@
 """`jaxft.save_pretrained`: an NNX module → a Hugging Face folder that `transformers` loads unchanged.
 
 Weights go through the family's name table in reverse (transposes and reshapes only, so an untouched
-model round-trips bit for bit), tensor by tensor to the host, and are written as safetensors; the
+model round-trips bit for bit), parameter by parameter to the host, and are written as safetensors shard
+by shard, so the writing host never holds the whole model (see `save_pretrained` for the bound); the
 config is the source checkpoint's `config.json` updated with the task's architecture and labels.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.hf.files import write_safetensors
+from jaxft.hf.files import plan_bytes, shard_names, write_safetensors_stream
 from jaxft.hf.load import flat_params
+from jaxft.hf.table import NameTable
 from jaxft.models import get_family
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-    """Gather one (possibly sharded, possibly multi-host) array to this host's memory."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
+    """Gather one (possibly sharded, possibly multi-host) array to this host's memory.
 
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+    Reads a device copy of a local array: `np.asarray(x)` would leave its host copy cached on `x`
+    (jax does so for arrays copied off an accelerator or assembled from shards), and an export
+    would end up holding every parameter on the host after all.
+    """
+    if isinstance(x, jax.Array):
+        if not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(jnp.copy(x)))
+    return np.asarray(x)
+
+
+@dataclass
+class ExportPlan:
+    """What an export writes, known from the model's shapes before anything is gathered."""
+
+    tensors: dict[str, tuple[tuple[int, ...], np.dtype]]  # HF name → (shape, dtype), sorted by name
+    source: dict[str, tuple[str, tuple[int, ...]]]         # HF name → (jaxft path, index on its stacked axes)
+
+
+def export_plan(model: nnx.Module, dtype: str | None = None) -> tuple[NameTable, dict[str, nnx.Variable], ExportPlan]:
+    """The family's name table, the parameters, and the plan of every HF tensor they export to.
+
+    Names come from `NameTable.export` on a stand-in holding one number per stacked index (inner axes of
+    size 1, so nothing the size of the model is allocated), shapes from the rule's `hf_shape`.
+    """
+    family = get_family(model.hf_config["model_type"], model.task)
+    table = family.name_table(model.config, model.task)
+    params = flat_params(model)
+    tensors, source = {}, {}
+    for path, var in params.items():
+        value = var.get_value()
+        shape = tuple(value.shape)
+        out_dtype = np.dtype(value.dtype if dtype is None else dtype)
+        rule, _ = table.rule_for_path(path)
+        lead, inner = shape[:len(rule.stacked)], shape[len(rule.stacked):]
+        hf_shape = tuple(rule.transform.hf_shape(inner))
+        stand_in = np.arange(prod(lead)).reshape(lead + (1,) * len(inner))
+        for name, t in table.export({path: stand_in}).items():
+            tensors[name] = (hf_shape, out_dtype)
+            source[name] = (path, tuple(int(i) for i in np.unravel_index(int(t.reshape(-1)[0]), lead)))
+    names = sorted(tensors)
+    return table, params, ExportPlan({n: tensors[n] for n in names}, {n: source[n] for n in names})
+
+
+class _Producer:
+    """`produce(names)` for `write_safetensors_stream`: for each parameter a shard's tensors come from,
+    one at a time, gathers what the shard needs and splits it into those tensors (cast to `dtype`).
+
+    An unstacked parameter is one HF tensor, gathered whole. Of a stacked parameter (`[E, ...]` experts,
+    `[L, ...]` scanned layers) only the stacked indices the shard holds are gathered (`_take` picks them
+    on the devices first, unless the shard holds all of them), so every tensor's data crosses to the
+    host exactly once, in one gather per shard that holds some of the parameter's tensors, however the
+    sorted HF names interleave parameters (a scanned layer's parameters all do). The gathers depend only
+    on the plan and the names asked for, so every process runs the same ones in the same order; with
+    `build=False` (processes that write nothing) it only runs the gathers.
+    """
+
+    def __init__(self, table: NameTable, params: dict[str, nnx.Variable], plan: ExportPlan,
+                 dtype: str | None = None, build: bool = True):
+        self.table, self.params, self.plan, self.dtype, self.build = table, params, plan, dtype, build
+
+    def __call__(self, names: list[str]) -> dict[str, np.ndarray]:
+        by_path: dict[str, list[str]] = {}
+        for name in names:
+            by_path.setdefault(self.plan.source[name][0], []).append(name)
+        out = {}
+        for path, group in by_path.items():
+            x = self.params[path].get_value()
+            index = [self.plan.source[name][1] for name in group]
+            n_stack = len(index[0])
+            if n_stack and len(index) < prod(x.shape[:n_stack]):
+                raw = to_host(_take(x, np.asarray(index, np.int32)))  # [len(group), *inner]
+                rows = [raw[j:j + 1].reshape((1,) * n_stack + raw.shape[1:]) for j in range(len(group))]
+            else:
+                raw = to_host(x)
+                rows = [raw[tuple(slice(i, i + 1) for i in ix)] if ix else raw for ix in index]
+            if self.build:  # each row: a view of `raw`, its stacked axes of size 1
+                for name, row in zip(group, rows):
+                    (t,) = self.table.export({path: row}).values()
+                    out[name] = t if self.dtype is None else t.astype(self.dtype)
+            del raw, rows
+        return {n: out[n] for n in names} if self.build else {}
+
+
+@jax.jit
+def _take(x: jax.Array, index: np.ndarray) -> jax.Array:
+    """`x[index[j]]` for each row `j` of `index` (`[k, n_stacked]`): the rows of a stacked parameter one
+    shard needs, picked on the devices (one compilation per parameter shape and row count)."""
+    return x[tuple(index[:, d] for d in range(index.shape[1]))]
 
 
 def hf_tensors(model: nnx.Module, dtype: str | None = None) -> dict[str, np.ndarray]:
-    """The model's parameters under the names `save_pretrained` of the HF task class writes."""
-    family = get_family(model.hf_config["model_type"], model.task)
-    table = family.name_table(model.config, model.task)
-    out = {}
-    for path, var in flat_params(model).items():
-        for name, t in table.export({path: to_host(var.get_value())}).items():
-            out[name] = t if dtype is None else t.astype(dtype)
-    return out
+    """The model's parameters under the names `save_pretrained` of the HF task class writes, all in
+    memory at once (sorted by name; `save_pretrained` streams them instead)."""
+    table, params, plan = export_plan(model, dtype)
+    return _Producer(table, params, plan, dtype)(list(plan.tensors))
 
 
 def hf_config_dict(model: nnx.Module, id2label: dict[int, str] | None = None) -> dict:
@@ -62,15 +150,29 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer=Non
     """Write `config.json`, `model.safetensors` (sharded with an index when large) and the tokenizer;
     for causal LMs also `generation_config.json` (see `generation_config`; `generation` overrides it).
 
-    Call it on every process of a multi-host run: arrays are gathered collectively, files are written
-    by process 0 only.
+    Call it on every process of a multi-host run: arrays are gathered collectively (every process runs
+    the same gathers in the same order), files are written by process 0 only.
+
+    Weights are streamed shard by shard (`write_safetensors_stream`; same shards, files and index as
+    `write_safetensors` on all the tensors), gathering for each shard only the tensors it holds: an
+    unstacked parameter whole, a stacked one (experts, scanned layers) only the stacked indices in the
+    shard, so every tensor is gathered exactly once. Process 0 holds at most one shard of HF tensors
+    (`max_shard_bytes`, or one tensor alone when it is larger) plus one gathered block: an unstacked
+    parameter or one shard's part of a stacked one, in the model's dtype (plus, when casting to `dtype`,
+    one tensor in transit). That is at most `max_shard_bytes` + the largest parameter; other processes
+    hold one gathered block. Logs a line per shard. Process 0 writes between gathers, so if its writing
+    fails the other processes wait in their next gather until the distributed runtime notices process 0
+    is gone.
     """
     out = Path(out_dir)
-    tensors = hf_tensors(model, dtype)
+    table, params, plan = export_plan(model, dtype)
     if jax.process_index() != 0:
+        produce = _Producer(table, params, plan, dtype, build=False)
+        for names in shard_names(plan_bytes(plan.tensors), max_shard_bytes):
+            produce(names)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, out, max_shard_bytes)
+    write_safetensors_stream(plan.tensors, _Producer(table, params, plan, dtype), out, max_shard_bytes)
     from transformers import AutoConfig
 
     cfg = hf_config_dict(model, id2label)
