@@ -184,6 +184,12 @@ def activate(mesh: Mesh | None):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh `activate` set for the trace in progress (None outside, or on a single device)."""
+    mesh = _ACTIVE.get()
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` of an activation by its logical axes, e.g. `('batch', 'length', 'embed')`.
 

@@ -15,7 +15,8 @@ spec: {"runs": [{"model": DIR, "task": "causal-lm" | "sequence-classification", 
 `mesh: null` runs on one device. With `checkpoint_at: K` the state is saved with Orbax after step K
 into `run_dir/checkpoints`, restored into fresh arrays, and training goes on from the restored state.
 `save` exports the trained model (`{pid}` in it becomes the process index, to show which process wrote).
-`count_reads` reports, per checkpoint tensor, the bytes of each slice this process read while loading.
+`count_reads` reports, per checkpoint tensor, the bytes of each slice this process read while loading;
+`all_gathers` lists the result shapes of the all-gathers in the compiled train step.
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ def run_one(r: dict) -> dict:
     step = make_train_step(fn, LOSSES[r["task"]], tx, lr, r.get("grad_accum", 1))
     losses = []
     data = batches(r["task"], model.hf_config["vocab_size"], steps, r.get("batch", 16), r.get("length", 16))
-    batch_spec = None
+    batch_spec, gathers = None, None
+    if r.get("all_gathers"):
+        import re
+
+        hlo = step.lower(state, to_device(data[0], mesh)).compile().as_text()
+        gathers = sorted({m for line in hlo.splitlines() if " all-gather" in line
+                          for m in re.findall(r"= (\w+\[[\d,]*\])", line)})
     for i, b in enumerate(data):
         b = to_device(b, mesh)
         batch_spec = [list(e) if isinstance(e, tuple) else e for e in b["input_ids"].sharding.spec]
@@ -100,7 +107,7 @@ def run_one(r: dict) -> dict:
     params = {k: describe(v) for k, v in state["params"].items()}
     opt = [describe(x) for x in jax.tree.leaves(state["opt_state"])]
     out = {"losses": losses, "params": params, "opt_state": opt, "devices": int(mesh.size), "reads": reads,
-           "batch_spec": batch_spec}
+           "batch_spec": batch_spec, "all_gathers": gathers}
     if r.get("save"):
         trained = fn.module(state["params"])
         trained.hf_config, trained.source_dir = model.hf_config, model.source_dir

@@ -105,7 +105,7 @@ def test_sharded_training_equals_one_device(tmp_path):
     a = start({"runs": runs + accum + [scanned, long]}, tmp_path / "a.json")
     bert_run = lambda mesh: {"model": str(bert), "task": "sequence-classification", "mesh": mesh}  # noqa: E731
     b = start({"runs": [bert_run(m) for m in (None, MESH_2x2x2, {"data": 2, "sequence": 4})]
-               + [causal(deepseek, m) for m in (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)]
+               + [dict(causal(deepseek, m), all_gathers=True) for m in (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)]
                + [dict(causal(deepseek, {"fsdp": 2, "expert": 4}), scan_layers=True),
                   causal(deepseek, {"sequence": 2, "expert": 4})]}, tmp_path / "b.json")
     llama_runs, (bert_1, bert_8, bert_sp, ds_1, ds_ep, ds_8, ds_scan, ds_sp) = finish(a), finish(b)
@@ -140,6 +140,10 @@ def test_sharded_training_equals_one_device(tmp_path):
     assert llama_runs[1]["params"][q]["spec"] == [None, None, None]         # pure data parallelism
     experts = ds_ep["params"]["model.layers.1.mlp.experts.gate_proj.kernel"]   # [E=8, D=32, F=16]
     assert experts["spec"] == ["expert", "fsdp", None] and experts["shard_shape"] == [2, 16, 16]
+    # Expert parallelism: each device gathers only its own 2 experts' width over fsdp, never all 8.
+    assert "f32[2,32,16]" in ds_ep["all_gathers"], ds_ep["all_gathers"]
+    full = {"f32[8,32,16]", "f32[8,16,32]"}                                     # all 8 experts' gate/up, down
+    assert not full & set(ds_ep["all_gathers"] + ds_8["all_gathers"]), ds_ep["all_gathers"]
     latent = ds_8["params"]["model.layers.0.self_attn.kv_b_proj.kernel"]       # [R=12, N=4, P+V=14]
     assert latent["spec"] == ["fsdp", "tensor", None]
     # Scanned: the layer axis leads and stays whole; the rest is sharded as in a looped model.

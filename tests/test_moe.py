@@ -90,6 +90,25 @@ def test_blocks_cover_every_row_layout():
         assert float(jnp.abs(got - ref).max()) <= 1e-4 * float(jnp.abs(ref).max())
 
 
+@pytest.mark.parametrize("impl", ["dense", "ragged_dot", "blocks"])
+def test_expert_slices_add_up_to_the_whole_layer(impl):
+    """Expert parallelism's local step: each of 4 slices of 2 experts (`first` = 0, 2, 4, 6) gives the
+    contributions of its own experts only, and the 4 partial outputs sum to the full layer's."""
+    D, F, E = 8, 4, 8
+    key = jax.random.key(0)
+    gate, up = (jax.random.normal(jax.random.fold_in(key, i), (E, D, F)) for i in (1, 2))
+    down = jax.random.normal(jax.random.fold_in(key, 3), (E, F, D))
+    x = jax.random.normal(key, (24, D))
+    e = jax.random.randint(jax.random.fold_in(key, 4), (24, 2), 0, E)
+    w = jax.random.uniform(jax.random.fold_in(key, 5), (24, 2))
+    whole = moe.routed_experts(x, e, w, gate, up, down, jax.nn.silu, impl)
+    parts = [moe.routed_experts(x, e, w, gate[f:f + 2], up[f:f + 2], down[f:f + 2], jax.nn.silu, impl, first=f)
+             for f in range(0, E, 2)]
+    np.testing.assert_allclose(sum(parts), whole, atol=1e-5)
+    elsewhere = np.asarray(jnp.all(e >= 2, axis=1))          # tokens with no slot on slice 0's experts
+    assert elsewhere.any() and np.all(np.asarray(parts[0])[elsewhere] == 0)
+
+
 def test_router_matches_formula():
     """noaux_tc by hand: groups scored by their two best biased scores, top-k of the kept, weights from the
     unbiased scores, renormalised and scaled."""

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft import parallel
 from jaxft.models.layers import Dense, activation, param
 
 Array = jax.Array
@@ -167,50 +168,103 @@ def _ffn_blocks(xs, sizes, e_sorted, gate, up, down, act):
 
     Expert e's rows go to blocks `first[e] … first[e] + ceil(n_e/b) − 1` (zero rows pad the last one); at
     most `min(ceil(R/b) + min(E, R), R)` blocks are ever needed (each non-empty expert wastes at most one
-    partial block, and every block holds a row), which fixes the static shape M.
+    partial block, and every block holds a row), which fixes the static shape M. Rows of the sentinel
+    expert `E` (another device's expert) sort last and are left out (their output is 0).
     """
     (R, D), E = xs.shape, gate.shape[0]
     b = block_size(R, E)
     M = min(-(-R // b) + min(E, R), R)
     n_blocks = -(-sizes // b)                                                          # [E]
-    first_block = jnp.cumsum(n_blocks) - n_blocks
-    first_row = jnp.cumsum(sizes) - sizes
+    first_block = jnp.append(jnp.cumsum(n_blocks) - n_blocks, M)                       # [E + 1]: sentinel → M
+    first_row = jnp.append(jnp.cumsum(sizes) - sizes, sizes.sum())
     slot = first_block[e_sorted] * b + jnp.arange(R) - first_row[e_sorted]             # [R] padded row
-    xp = jnp.zeros((M * b, D), xs.dtype).at[slot].set(xs, unique_indices=True).reshape(M, b, D)
+    xp = jnp.zeros((M * b, D), xs.dtype).at[slot].set(xs, mode="drop").reshape(M, b, D)
     owner = jnp.minimum(jnp.searchsorted(jnp.cumsum(n_blocks), jnp.arange(M), side="right"), E - 1)
     h = act(jnp.einsum("MBD,MDF->MBF", xp, gate[owner])) * jnp.einsum("MBD,MDF->MBF", xp, up[owner])
-    return jnp.einsum("MBF,MFD->MBD", h, down[owner]).reshape(M * b, D)[slot]
+    y = jnp.einsum("MBF,MFD->MBD", h, down[owner]).reshape(M * b, D)
+    return y.at[slot].get(mode="fill", fill_value=0)
 
 
 def routed_experts(x: Array, e: Array, w: Array, gate: Array, up: Array, down: Array,
-                   act: Callable[[Array], Array], impl: str = "auto") -> Array:
+                   act: Callable[[Array], Array], impl: str = "auto", first: int | Array = 0) -> Array:
     """`y[n] = Σ_j w[n, j] · expert_{e[n, j]}(x[n])` for tokens `x [N, D]`, experts `e [N, k]`, weights `w [N, k]`.
 
-    `gate, up: [E, D, F]`, `down: [E, F, D]`. Each weighted contribution is cast to `x`'s dtype before the
-    sum over j, as `transformers` accumulates them.
+    `gate, up: [E, D, F]`, `down: [E, F, D]` hold experts `first … first+E−1`; a (token, slot) whose expert
+    is another one contributes 0 (under expert parallelism each device passes its own experts, and the
+    devices' partial sums add up to `y`). Each weighted contribution is cast to `x`'s dtype before the sum
+    over j, as `transformers` accumulates them.
     """
     (N, D), (E, _, F), k = x.shape, gate.shape, e.shape[1]
     if impl == "auto":
         impl = "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
+    local = e - first
+    mine = (local >= 0) & (local < E)
+    w = jnp.where(mine, w, 0.0)
     if impl == "dense":
         h = act(jnp.einsum("ND,EDF->NEF", x, gate)) * jnp.einsum("ND,EDF->NEF", x, up)
         y = jnp.einsum("NEF,EFD->NED", h, down)
-        combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], e].add(w)
+        combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], local].add(w, mode="drop")
         return (y.astype(jnp.float32) * combine[..., None]).astype(x.dtype).sum(1)
     if impl not in ("ragged_dot", "blocks"):
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {IMPLS}")
-    flat = e.reshape(-1)                                        # [R], R = N·k, row r = (token r//k, slot r%k)
-    order = jnp.argsort(flat, stable=True)                      # rows sorted by expert
+    flat = jnp.where(mine, local, E).reshape(-1)                # [R], R = N·k, row r = (token r//k, slot r%k)
+    order = jnp.argsort(flat, stable=True)                      # rows sorted by expert, others' rows (E) last
     e_sorted = flat[order]
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)      # rows per expert
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)      # rows per expert (others' rows not counted)
     xs = x[order // k]                                          # [R, D] sorted by expert
     if impl == "ragged_dot":
         ys = _ffn_ragged(xs, sizes, gate, up, down, act)
     else:
         ys = _ffn_blocks(xs, sizes, e_sorted, gate, up, down, act)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(N * k), unique_indices=True)
-    y = ys[inverse].reshape(N, k, D)
+    y = jnp.where(mine[..., None], ys[inverse].reshape(N, k, D), 0)
     return (y.astype(jnp.float32) * w[..., None]).astype(x.dtype).sum(1)
+
+
+def expert_parallel(x: Array, e: Array, w: Array, gate: Array, up: Array, down: Array,
+                    act: Callable[[Array], Array], impl: str, mesh) -> Array:
+    """`routed_experts` of tokens `x [B, T, D]` (`e, w [B, T, k]`) with the experts split over the mesh.
+
+    A `jax.shard_map` over the whole mesh, where every device holds the tokens of its batch shard (the
+    same on every device of an `expert` group) and `E/ep` experts with `F/tp` of their width:
+
+        1. all-gather its experts' model-width dimension over `fsdp` (FSDP, for its experts only);
+        2. run its experts on its tokens (`routed_experts` with `first` = its first expert; rows routed to
+           other devices' experts contribute 0);
+        3. sum the partial outputs over the `expert` and `tensor` axes (one all-reduce of `[tokens, D]`).
+
+    So tokens never leave their devices and no device holds more than its own experts' weights: the
+    communication is explicit and bounded instead of whatever XLA's automatic partitioning picks for the
+    sort/gather dispatch (on 8 CPU devices it gathered every token's routing to every device). The
+    backward pass is the transpose: a reduce-scatter of the weight gradients over `fsdp`. Same math as
+    the unsharded layer (tested: training losses equal one device's within 1e-4).
+    """
+    def axes(entry) -> tuple[str, ...]:
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    xs = parallel.spec(("batch", "length", None), x.shape, mesh)
+    ws = parallel.spec(("batch", "length", None), e.shape, mesh)
+    g_spec = parallel.spec(("expert", "embed", "mlp"), gate.shape, mesh)
+    d_spec = parallel.spec(("expert", "mlp", "embed"), down.shape, mesh)
+    expert_axes, width_axes = axes(g_spec[0]), axes(g_spec[2])
+    n_local = gate.shape[0] // math.prod(mesh.shape[a] for a in expert_axes)
+
+    def local(x, e, w, gate, up, down):
+        gather = lambda a, entry, dim: jax.lax.all_gather(a, axes(entry), axis=dim, tiled=True) if entry else a  # noqa: E731
+        gate, up = gather(gate, g_spec[1], 1), gather(up, g_spec[1], 1)
+        down = gather(down, d_spec[2], 2)
+        first = jax.lax.axis_index(expert_axes) * n_local if expert_axes else 0
+        B, T, D = x.shape
+        y = routed_experts(x.reshape(B * T, D), e.reshape(B * T, -1), w.reshape(B * T, -1), gate, up, down,
+                           act, impl, first)
+        summed = expert_axes + width_axes
+        if summed:
+            y = jax.lax.psum(y.astype(jnp.float32), summed).astype(x.dtype)
+        return y.reshape(B, T, D)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(xs, ws, ws, g_spec, g_spec, d_spec), out_specs=xs,
+                       check_vma=False)
+    return fn(x, e, w, gate, up, down)
 
 
 def balance_loss(s: Array, e: Array, mask: Array) -> Array:
@@ -254,9 +308,15 @@ class MoE(nnx.Module):
         s, e, w = self.gate(x.reshape(B * T, D))
         gate, up, down = (p.kernel[...].astype(self.dtype) for p in
                           (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj))
-        y = routed_experts(x.reshape(B * T, D).astype(self.dtype), e, w, gate, up, down, self.act,
-                           impl or self.impl)
-        y = y.reshape(B, T, D) + self.shared_experts(x)
+        mesh = parallel.active_mesh()
+        if mesh is not None and mesh.shape["expert"] > 1:
+            k = e.shape[-1]
+            y = expert_parallel(x.astype(self.dtype), e.reshape(B, T, k), w.reshape(B, T, k), gate, up, down,
+                                self.act, impl or self.impl, mesh)
+        else:
+            y = routed_experts(x.reshape(B * T, D).astype(self.dtype), e, w, gate, up, down, self.act,
+                               impl or self.impl).reshape(B, T, D)
+        y = y + self.shared_experts(x)
         mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
         E, k = s.shape[-1], e.shape[-1]
         counts = jnp.zeros((E,), jnp.float32).at[e.reshape(-1)].add(
