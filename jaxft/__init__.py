@@ -6,9 +6,10 @@
     new_ids = jaxft.generate(causal_lm, prompt_ids, max_new_tokens=32, temperature=0.0)
 """
 
+from jaxft import parallel
 from jaxft.generate import generate
 from jaxft.hf.export import save_pretrained
 from jaxft.hf.load import load_model
 
-__all__ = ["generate", "load_model", "save_pretrained"]
+__all__ = ["generate", "load_model", "parallel", "save_pretrained"]
 __version__ = "0.1.0"
