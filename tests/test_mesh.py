@@ -55,7 +55,7 @@ def start(spec: dict, path: Path, devices: int = 8) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 400) -> list[dict]:
+def finish(proc: subprocess.Popen, timeout: float = 900) -> list[dict]:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-4000:]
     return json.loads(out.split("RESULTS ", 1)[1])
