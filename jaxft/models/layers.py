@@ -83,7 +83,6 @@ def run_layers(layers: nnx.List | nnx.Module, remat: str, x: Array, call: Callab
             ys.append(y)
         return x, ys
     graphdef, state = nnx.split(layers)
-    n = jax.tree.leaves(state)[0].shape[0]
 
     def body(h, inputs):
         layer_state, i, xi = inputs
@@ -92,6 +91,7 @@ def run_layers(layers: nnx.List | nnx.Module, remat: str, x: Array, call: Callab
     if remat != "none":
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     stacked_xs = None if xs is None else jax.tree.map(lambda *a: jnp.stack(a), *xs)
+    n = num_layers(layers)
     x, ys = jax.lax.scan(body, x, (state, jnp.arange(n, dtype=jnp.int32), stacked_xs))
     return x, [jax.tree.map(lambda a, i=i: a[i], ys) for i in range(n)]
 
