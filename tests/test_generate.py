@@ -61,15 +61,32 @@ def test_greedy_across_the_rope_switch(tmp_path, variant):
 
 
 def test_eos_stops_and_pads_like_transformers(tmp_path):
+    """Same shape and every token as `transformers`: a row that ends early is padded while the others run
+    on to `max_new_tokens`; once every row has ended, both stop at the same length."""
     folder = save_hf("llama-gqa-tied", tmp_path / "hf")
     ref, model = load_hf(folder), jaxft.load_model(folder, task="causal-lm")
     ids, mask = _left_padded()
-    free = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
-    eos = int(free[0, 3])  # row 0 emits it at step 3; other rows later or never
-    theirs = _hf_generate(ref, ids, mask, 12, eos=eos, pad=1)
-    ours = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=1)
-    np.testing.assert_array_equal(ours, theirs[:, : ours.shape[1]])
-    assert (ours[0, 4:] == 1).all()
+    n = 12
+    free = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[])
+    # an id row 1 emits first at some step k > 0 and rows 0 and 2 never emit
+    k, eos = next((k, int(t)) for k, t in enumerate(free[1]) if k > 0 and t not in free[1, :k]
+                  and t not in free[0] and t not in free[2])
+    theirs = _hf_generate(ref, ids, mask, n, eos=eos, pad=1)
+    ours = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=1)
+    assert theirs.shape == (3, n)  # rows 0 and 2 run on
+    assert ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours[1, k] == eos and (ours[1, k + 1:] == 1).all()
+    np.testing.assert_array_equal(ours[[0, 2]], free[[0, 2]])
+
+    # every row ends (each at its own step): both stop after the last row's eos
+    stops = [eos] + [int(free[r, 0]) for r in (0, 2)]
+    theirs = _hf_generate(ref, ids, mask, n, eos=stops, pad=1)
+    ours = jaxft.generate(model, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=stops,
+                          pad_token_id=1)
+    assert theirs.shape[1] < n
+    assert ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def test_no_recompilation_and_sampling(tmp_path):
