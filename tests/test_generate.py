@@ -111,6 +111,46 @@ def test_no_recompilation_and_sampling(tmp_path):
     np.testing.assert_array_equal(greedy, nucleus)  # a vanishing nucleus keeps only the top token
 
 
+def _sampling_distribution(logits, temperature, top_p):
+    """softmax(logits / temperature), cut to the smallest set of most likely tokens whose mass reaches
+    top_p and renormalised (`transformers`' temperature then top-p warpers)."""
+    z = logits / temperature
+    q = np.exp(z - z.max())
+    q /= q.sum()
+    order = np.argsort(-q)
+    before = np.cumsum(q[order]) - q[order]
+    keep = np.zeros(q.shape, bool)
+    keep[order[before < top_p]] = True
+    q = np.where(keep, q, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.5, 1.0), (2.0, 0.7)])
+def test_sampling_follows_the_tempered_nucleus_distribution(tmp_path, temperature, top_p):
+    """First sampled token of N copies of one prompt: no token outside the nucleus, and the empirical
+    frequencies pass a chi-square test against the distribution computed from `transformers`' logits
+    (ignoring the temperature or top-p gives a statistic several times the bar)."""
+    folder = save_hf("gpt2", tmp_path / "hf")
+    model = jaxft.load_model(folder, task="causal-lm")
+    prompt = _left_padded()[0][:1]  # an unpadded row
+    import torch
+
+    with torch.no_grad():
+        logits = load_hf(folder)(torch.tensor(prompt, dtype=torch.long)).logits[0, -1].double().numpy()
+    expected = _sampling_distribution(logits, temperature, top_p)
+    n = 3000
+    out = jaxft.generate(model, np.repeat(prompt, n, 0), max_new_tokens=1, temperature=temperature,
+                         top_p=top_p, seed=0, eos_token_id=[])
+    counts = np.bincount(out[:, 0], minlength=VOCAB)
+    support = expected > 0
+    assert counts[~support].sum() == 0, "sampled outside the nucleus"
+    assert 10 < support.sum() < VOCAB or top_p == 1.0  # the nucleus cuts, but not to one token
+    chi2 = float((((counts - n * expected) ** 2)[support] / (n * expected[support])).sum())
+    df = int(support.sum()) - 1
+    print(f"T={temperature} top_p={top_p}: chi2 {chi2:.1f} over {df} degrees of freedom")
+    assert chi2 < df + 6 * np.sqrt(2 * df)
+
+
 def test_bad_generate_input_is_explained(tmp_path):
     model = jaxft.load_model(save_hf("gpt2", tmp_path / "hf"), task="causal-lm")
     ids = np.ones((2, 6), np.int32)
