@@ -14,7 +14,25 @@ import json
 import sys
 from pathlib import Path
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError)
+# Errors whose message names the culprit (key, file, row, step): printed after `error:`, exit code 2.
+# OSError covers files that cannot be read or written (its message names the path).
+USER_ERRORS = (ValueError, KeyError, OSError, ImportError)
+
+
+def check_model(name_or_path: str) -> None:
+    """A local (or packaged) model folder with a broken config.json or weight index fails here, naming the
+    file, before `transformers` reads it; Hub ids are left to the download."""
+    from jaxft.hf.files import check_model_folder
+    from jaxft.hf.load import resolve
+
+    name = str(name_or_path)
+    if not (name.startswith(("package:", ".", "/", "~")) or Path(name).expanduser().exists()):
+        return
+    try:
+        folder = resolve(name)
+    except TypeError as e:  # importlib: `package:os/x` names a module that is not a package
+        raise FileNotFoundError(f"model {name}: {e}") from None
+    check_model_folder(folder)
 
 
 def cmd_train(args) -> None:
@@ -22,6 +40,7 @@ def cmd_train(args) -> None:
     from jaxft.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    check_model(cfg.model.name_or_path)
     summary = train(cfg)
     print(json.dumps(summary, indent=2, default=str))
     for split in ("eval", "test"):
@@ -45,6 +64,7 @@ def cmd_eval(args) -> None:
     if not run:
         raise ConfigError("jaxft eval needs checkpoint=RUN_DIR")
     cfg = load_config(args.config, overrides)
+    check_model(cfg.model.name_or_path)
     parallel.initialize_from_config(cfg.mesh)
     setup_logging()
     mesh = parallel.make_mesh(cfg.mesh.model_dump())
@@ -63,15 +83,17 @@ def cmd_export(args) -> None:
     from transformers import AutoTokenizer
 
     from jaxft.data import chat_template
-    from jaxft.hf.export import save_pretrained
+    from jaxft.hf.export import check_export_target, save_pretrained
     from jaxft.hf.load import resolve
     from jaxft.train.run import restore_model, run_config, setup_logging
 
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its files")
+    check_export_target(out, args.overwrite, keep=(args.run_dir,))  # before anything is loaded
     setup_logging()
     cfg = run_config(args.run_dir)
+    base = Path(cfg.model.name_or_path).expanduser()
+    check_export_target(out, args.overwrite, keep=(args.run_dir, base if base.is_dir() else None))
+    check_model(cfg.model.name_or_path)
     model, labels, step = restore_model(args.run_dir, cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
     template = chat_template(cfg)
@@ -95,8 +117,19 @@ def cmd_plan(args) -> None:
     from jaxft.plan import plan
 
     cfg = load_config(args.config, args.overrides)
+    check_model(cfg.model.name_or_path)
     result = plan(cfg, devices=args.devices, compile=not args.analytic)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} devices: give a positive number")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="per-device memory of a training run, without allocating the model")
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*", help="key.sub=value (e.g. mesh.fsdp=64 model.remat=full)")
-    pl.add_argument("--devices", type=int, help="plan for this many devices (default: the mesh's fixed axes, "
+    pl.add_argument("--devices", type=_positive_int, help="plan for this many devices (default: the mesh's fixed axes, "
                                                 "or this machine's devices when they fit)")
     pl.add_argument("--analytic", action="store_true", help="do not compile the step even if the mesh fits here")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -147,11 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"jaxft {args.command}: error: {e}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
-    except (*USER_ERRORS, FileExistsError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"jaxft {args.command}: error: {msg}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"jaxft {args.command}: error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def user_message(e: BaseException) -> str:
+    """The message of a user error. A `KeyError` that carries only a key (a lookup in a file's contents
+    that found nothing) is said as such, with where the lookup failed, never as a bare `error: data`."""
+    if not isinstance(e, KeyError):
+        return str(e)
+    msg = str(e.args[0]) if e.args else ""
+    if msg and " " in msg.strip():  # a KeyError raised with a sentence (e.g. jaxft.hf.table)
+        return msg
+    import traceback
+
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    where = f" (looked up in {frame.name}, {Path(frame.filename).name}:{frame.lineno})" if frame else ""
+    return f"missing key {msg!r}{where}"
 
 
 if __name__ == "__main__":

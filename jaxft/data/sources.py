@@ -37,11 +37,19 @@ def load_table(spec: str, key: str, limit: int | None = None) -> dict[str, list]
         config = None
         if name.count("/") == 2:  # ORG/NAME/CONFIG; a single slash is a Hub repo id (ORG/NAME)
             name, config = name.rsplit("/", 1)
-        ds = datasets.load_dataset(name, config, split=split)
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # offline, unknown repo or split, no access: say which key and spec
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            offline = " (Hugging Face offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if \
+                datasets.config.HF_HUB_OFFLINE else ""
+            raise DataError(f"{key}={spec!r}: cannot load the Hub data set {name!r}{offline}: {first}") from None
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise DataError(f"{key}: data file {path} does not exist")
+        if path.is_dir():
+            raise DataError(f"{key}: {path} is a folder; give a data file")
         suffix = path.suffix.lower()
         if suffix not in BUILDERS:
             raise DataError(f"{key}: cannot read {path}: supported file types are {sorted(BUILDERS)}")

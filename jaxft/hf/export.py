@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.hf.files import plan_bytes, shard_names, write_safetensors_stream
+from jaxft.hf.files import plan_bytes, shard_names, staged_folder, write_safetensors_stream
 from jaxft.hf.load import flat_params
 from jaxft.hf.table import NameTable
 from jaxft.models import get_family
@@ -150,6 +150,11 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer=Non
     """Write `config.json`, `model.safetensors` (sharded with an index when large) and the tokenizer;
     for causal LMs also `generation_config.json` (see `generation_config`; `generation` overrides it).
 
+    The files are written into a new folder beside `out_dir` that replaces `out_dir` as a whole at the end
+    (`staged_folder`): no file of an earlier export survives, and a failed export leaves the earlier one
+    as it was. `out_dir` must not be a file, a symbolic link or a folder holding links
+    (`check_export_target`).
+
     Call it on every process of a multi-host run: arrays are gathered collectively (every process runs
     the same gathers in the same order), files are written by process 0 only.
 
@@ -171,20 +176,54 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer=Non
         for names in shard_names(plan_bytes(plan.tensors), max_shard_bytes):
             produce(names)
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors_stream(plan.tensors, _Producer(table, params, plan, dtype), out, max_shard_bytes)
-    from transformers import AutoConfig
+    check_export_target(out, overwrite=True)
+    with staged_folder(out) as tmp:  # replaces `out` as a whole once every file is written
+        write_safetensors_stream(plan.tensors, _Producer(table, params, plan, dtype), tmp, max_shard_bytes)
+        from transformers import AutoConfig
 
-    cfg = hf_config_dict(model, id2label)
-    hf = AutoConfig.for_model(**cfg)
-    if dtype is not None:
-        hf.dtype = dtype
-    hf.save_pretrained(str(out))
-    if model.task == "causal-lm":
-        generation_config(model, hf, tokenizer, generation).save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        cfg = hf_config_dict(model, id2label)
+        hf = AutoConfig.for_model(**cfg)
+        if dtype is not None:
+            hf.dtype = dtype
+        hf.save_pretrained(str(tmp))
+        if model.task == "causal-lm":
+            generation_config(model, hf, tokenizer, generation).save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out
+
+
+def check_export_target(out: str | os.PathLike, overwrite: bool, keep: tuple = ()) -> None:
+    """Refuse, naming the path, an export target that cannot be (re)placed safely: a file, a symbolic link
+    or a folder holding links (a Hugging Face cache snapshot links into shared blobs), a non-empty folder
+    without `overwrite`, or a folder that is or holds one of `keep` (the run being exported, its base model).
+    An accepted target is replaced as a whole (`jaxft.hf.files.staged_folder`), never written into."""
+    out = Path(out)
+    if out.is_symlink():
+        raise ValueError(f"export target {out} is a symbolic link (to {os.readlink(out)}); jaxft never writes "
+                         f"through links: give a real folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export target {out} is a file, not a folder")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"export target {out}: {parent} is a file, not a folder")
+    for path in keep:
+        if path is not None and Path(path).exists() and (
+                out.resolve() == Path(path).resolve() or out.resolve() in Path(path).resolve().parents):
+            raise ValueError(f"export target {out} would replace {path}, which the export reads; choose another "
+                             f"folder (e.g. {Path(path) / 'export'} for a run)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it (the folder is replaced as "
+                              f"a whole once the new export is complete)")
+    link = next((p for p in out.rglob("*") if p.is_symlink()), None)
+    if link is not None:
+        raise ValueError(f"export target {out} holds symbolic links ({link} → {os.readlink(link)}), as a Hugging "
+                         f"Face cache snapshot does: its files are shared blobs, so jaxft will not replace it; "
+                         f"export to another folder")
 
 
 def generation_config(model: nnx.Module, hf, tokenizer=None, overrides: dict | None = None):

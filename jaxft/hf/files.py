@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from math import prod
 from typing import Callable, Mapping
@@ -32,8 +34,7 @@ class WeightFile:
         self._handles: dict[str, object] = {}
         self._torch: dict[str, np.ndarray] | None = None
         if (self.folder / SAFE_INDEX).exists():
-            index = json.loads((self.folder / SAFE_INDEX).read_text())
-            self.where = dict(index["weight_map"])
+            self.where = read_index(self.folder / SAFE_INDEX)
             missing = sorted({f for f in self.where.values() if not (self.folder / f).exists()})
             if missing:
                 raise FileNotFoundError(f"{self.folder / SAFE_INDEX} lists shard {missing[0]!r}, "
@@ -94,14 +95,115 @@ class WeightFile:
         return str(self.folder / self.where[name])
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object; errors name the file (`what` says what it is)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} cannot be read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The `weight_map` (tensor name → shard file) of a sharded checkpoint's index."""
+    weight_map = read_json_object(path, "weight index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"weight index {path} has no \"weight_map\" object mapping tensor names to shard files")
+    return dict(weight_map)
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Fail early, naming the file, on a model folder whose `config.json` or weight index is broken (before
+    `transformers` reads them and fails with a bare traceback)."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    model_type = read_json_object(config, "model config").get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"model config {config} has no \"model_type\" (e.g. \"bert\", \"llama\")")
+    if (folder / SAFE_INDEX).exists():
+        read_index(folder / SAFE_INDEX)
+
+
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
         raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'jaxft[torch]'), "
                           f"or convert the folder to safetensors") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: never run code from the file; its failure advice (weights_only=False) is not repeated
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read PyTorch weights {path}: not a state dict of tensors that torch.load "
+                         f"reads safely ({type(e).__name__}); re-save the model with save_pretrained "
+                         f"(safetensors)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"cannot read PyTorch weights {path}: it holds a {type(state).__name__}, not a state "
+                         f"dict of tensors")
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike):
+    """Write a folder all at once: yields a new sibling folder (`.NAME.jaxft-tmp-PID`) to write into; when
+    the block completes it takes `out`'s place (an atomic exchange where the OS has one, else two renames)
+    and the previous `out` is removed; when the block fails it is removed and `out` is left as it was.
+    So a replaced folder never keeps a stale file of the old one, and a failed write never loses it.
+    Temporary folders that a killed writer left beside `out` are removed first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.jaxft-tmp-*"):
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.jaxft-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists() and _exchange(tmp, out):
+            shutil.rmtree(tmp)  # now the previous folder
+        elif out.exists():
+            old = out.parent / f".{out.name}.jaxft-old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return True  # not ours: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    try:
+        import ctypes
+
+        fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except OSError:
+        return False
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLike,

@@ -86,7 +86,7 @@ SAFE_TO_CHANGE = {
     "train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.eval_batch_size",
     "train.early_stopping.patience", "train.max_bad_steps", "train.spike_factor", "train.stop_at_step",
     "train.log_batches", "checkpoint.every", "checkpoint.keep", "checkpoint.resume",
-    "checkpoint.allow_changes", "output_dir", "data.cache_dir", "data.validation", "data.test",
+    "checkpoint.allow_changes", "checkpoint.overwrite", "output_dir", "data.cache_dir", "data.validation", "data.test",
     # how processes find each other (each process has its own id) and how long they wait
     "mesh.distributed", "mesh.coordinator", "mesh.num_processes", "mesh.process_id", "mesh.init_timeout",
     # recomputing activations changes memory, not the math

@@ -34,7 +34,7 @@ from jaxft.optim import make_optimizer
 from jaxft.plan import preflight
 from jaxft.train.faults import Diverged, Preempted, PreemptionGuard, SpikeDetector, config_changes
 from jaxft.train.logger import RunLogger
-from jaxft.train.run import checkpoints_of, setup_logging
+from jaxft.train.run import checkpoints_of, claim_run_dir, setup_logging, start_run_log
 from jaxft.train.step import Functional, init_state, make_eval_step, make_train_step
 from jaxft.train.tasks import make_task, param_count
 
@@ -96,7 +96,7 @@ class Trainer:
             raise ConfigError("data.train is required for training")
         self.cfg, self.run_dir = cfg, Path(cfg.output_dir)
         parallel.initialize_from_config(cfg.mesh)  # jax.distributed on multi-host runs; before JAX starts
-        setup_logging(self.run_dir)
+        setup_logging(self.run_dir, defer=True)  # train.log is written from start_run_log on
         self.mesh = parallel.make_mesh(cfg.mesh.model_dump())
         check_batch(cfg, self.mesh)
 
@@ -113,10 +113,6 @@ class Trainer:
         if resume is not None:
             self._check_resume_config(self.ckpts.meta(resume))
         self.task = make_task(cfg, tokenizer, self.run_dir, resuming=resume is not None)
-        if jax.process_index() == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
-            if not (self.run_dir / "tokenizer").exists():
-                tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
 
         self.batches = self.task.splits["train"]
         self.total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(self.batches)))
@@ -141,6 +137,11 @@ class Trainer:
         preflight(cfg, self.fn, self.state, self.mesh, self.task.loss)  # warns before an OOM would happen
         self.train_step = make_train_step(self.fn, self.task.loss, tx, lr, cfg.train.grad_accum)
         self.eval_step = make_eval_step(self.fn, self.task.loss)
+        if jax.process_index() == 0:  # every refusal comes before this point: the run directory is written from here
+            start_run_log(self.run_dir)
+            save_config(cfg, self.run_dir / "config.yaml")
+            if not (self.run_dir / "tokenizer").exists():
+                tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         self.logger = RunLogger(self.run_dir)
         self.spikes = SpikeDetector(cfg.train.spike_factor)
 
@@ -268,8 +269,11 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) a fine-tuning run; returns the final eval/test metrics."""
-    return Trainer(cfg).run()
+    """Run (or resume) a fine-tuning run; returns the final eval/test metrics. The run directory is held
+    (`claim_run_dir`: locked, refused or moved aside as `checkpoint.resume`/`overwrite` say) throughout."""
+    parallel.initialize_from_config(cfg.mesh)  # before claim_run_dir asks which process this is
+    with claim_run_dir(cfg):
+        return Trainer(cfg).run()
 
 
 def _fmt(m: dict) -> str:

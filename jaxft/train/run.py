@@ -3,7 +3,7 @@
     RUN_DIR/config.yaml        resolved config           RUN_DIR/labels.json   label map (classification)
     RUN_DIR/metrics.jsonl      one JSON object a line    RUN_DIR/checkpoints/  Orbax
     RUN_DIR/data_report.json   cleaning counts           RUN_DIR/tensorboard/  event files
-    RUN_DIR/train.log          the console log
+    RUN_DIR/train.log          the console log           RUN_DIR/.lock         held by a running `jaxft train`
 
 `restore_model` rebuilds a trained model from a run (best checkpoint, else latest) for eval and export.
 """
@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -24,8 +28,20 @@ from jaxft.train.checkpoint import Checkpoints
 log = logging.getLogger("jaxft")
 
 
-def setup_logging(run_dir: Path | None = None) -> None:
-    """Console (INFO) and, on process 0, `RUN_DIR/train.log`."""
+class _Pending(logging.Handler):
+    """Holds a starting run's log records until `start_run_log` writes them to `train.log`."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def setup_logging(run_dir: Path | None = None, defer: bool = False) -> None:
+    """Console (INFO) and, on process 0, `RUN_DIR/train.log`. With `defer`, the lines for `train.log` are
+    held until `start_run_log(run_dir)`: a command refused while it starts leaves the run's log as it was."""
     root = logging.getLogger("jaxft")
     root.setLevel(logging.INFO)
     root.propagate = False  # other libraries configure the root logger; print our lines once
@@ -36,13 +52,28 @@ def setup_logging(run_dir: Path | None = None) -> None:
         h.setFormatter(fmt)
         root.addHandler(h)
     if run_dir is not None and jax.process_index() == 0:
-        for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        for h in [h for h in root.handlers if isinstance(h, (logging.FileHandler, _Pending))]:
             root.removeHandler(h)
             h.close()
+        if defer:
+            root.addHandler(_Pending())
+            return
         run_dir.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(run_dir / "train.log")
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+def start_run_log(run_dir: Path) -> None:
+    """Open `RUN_DIR/train.log` (process 0) and write the lines held since `setup_logging(defer=True)`."""
+    root = logging.getLogger("jaxft")
+    pending = [h for h in root.handlers if isinstance(h, _Pending)]
+    setup_logging(run_dir)
+    fh = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)
+    for h in pending:
+        for record in h.records if fh is not None else ():
+            fh.handle(record)
+        h.close()
 
 
 def write_json(path: Path, obj) -> None:
@@ -54,7 +85,12 @@ def write_json(path: Path, obj) -> None:
 
 def read_labels(run_dir: Path) -> LabelMap | None:
     path = run_dir / "labels.json"
-    return LabelMap.from_json(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return LabelMap.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a label map written by jaxft ({type(e).__name__}: {e})") from None
 
 
 def run_config(run_dir: str | Path) -> Config:
@@ -64,7 +100,123 @@ def run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
+# what a run that got past its start has written (a run refused while starting writes none of them)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "batches.jsonl")
+
+
+def run_contents(run_dir: Path) -> list[str]:
+    """What of a run `run_dir` already holds (its files, and `checkpoints/` when it has any)."""
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    ckpts = run_dir / "checkpoints"
+    return held + (["checkpoints/"] if ckpts.is_dir() and any(ckpts.iterdir()) else [])
+
+
+class RunLocked(ValueError):
+    """Another `jaxft train` holds the run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`RUN_DIR/.lock`, `fcntl.flock`) while one `jaxft train` writes it.
+
+    The holder writes its pid, host, start time and command into the file, and empties it on release; the
+    kernel drops the lock of a process that dies, so a crash never leaves the directory locked. On a file
+    system without locks (some network mounts) it warns and goes on unlocked.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.fd = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / self.NAME
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            try:
+                h = json.loads(holder)
+                who = f"pid {h['pid']} on host {h['host']}, started {h['started']}: {h['command']}"
+            except (ValueError, KeyError, TypeError):
+                who = "a process that is starting"
+            raise RunLocked(f"output_dir {run_dir} is in use by another jaxft train ({who}); wait for it to end "
+                            f"or use another output_dir ({self.path} is locked)") from None
+        except OSError as e:
+            os.close(fd)
+            log.warning("cannot lock %s (%s): make sure no other jaxft train writes to %s", self.path, e, run_dir)
+            return
+        self.fd = fd
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(["jaxft", *sys.argv[1:]]) if sys.argv else "jaxft train"}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+@contextmanager
+def claim_run_dir(cfg: Config):
+    """Hold `output_dir` for one `jaxft train` (process 0; call after `jax.distributed` is initialised).
+
+    Refuses, before writing anything: an `output_dir` that is a file; `checkpoint.resume=false` into a
+    directory that holds a run (unless `checkpoint.overwrite=move`, which renames the old run to
+    `OUTPUT_DIR.old-TIMESTAMP` first); a directory another `jaxft train` holds (`RunLock`). On resume, step
+    folders Orbax never committed (`checkpoint.incomplete_steps`) move to `RUN_DIR/incomplete_checkpoints/`
+    with a warning, so training resumes from the newest complete checkpoint and can save that step again.
+    """
+    from jaxft.config import ConfigError
+    from jaxft.train.checkpoint import incomplete_steps
+
+    run_dir = Path(cfg.output_dir)
+    if jax.process_index() != 0:
+        yield
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file, not a folder")
+    held = run_contents(run_dir) if run_dir.is_dir() else []
+    if held and not cfg.checkpoint.resume:
+        if cfg.checkpoint.overwrite != "move":
+            raise ConfigError(
+                f"output_dir {run_dir} holds a run ({', '.join(held)}) and checkpoint.resume=false: starting over "
+                f"there would delete its checkpoints and mix the two runs' logs. Use another output_dir, drop "
+                f"checkpoint.resume=false to resume it, or pass checkpoint.overwrite=move to move it aside")
+        old = RunLock(run_dir)  # never move a run another process is writing
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "-1")
+        os.rename(run_dir, aside)
+        old.release()
+        setup_logging()
+        log.warning("checkpoint.overwrite=move: moved the earlier run in %s to %s", run_dir, aside)
+    lock = RunLock(run_dir)
+    try:
+        if cfg.checkpoint.resume:
+            for step_dir in incomplete_steps(run_dir):
+                dest = run_dir / "incomplete_checkpoints" / step_dir.name
+                while dest.exists():
+                    dest = dest.with_name(dest.name + "-1")
+                dest.parent.mkdir(exist_ok=True)
+                os.rename(step_dir, dest)
+                setup_logging()
+                log.warning("%s was never committed (no _CHECKPOINT_METADATA): moved to %s; resuming from the "
+                            "newest complete checkpoint", step_dir, dest)
+        yield
+    finally:
+        lock.release()
+
+
 def checkpoints_of(run_dir: Path, cfg: Config, read_only: bool = False) -> Checkpoints:
+
     metric, mode = cfg.early_stopping()
     return Checkpoints(run_dir, keep=cfg.checkpoint.keep, metric=metric, mode=mode, read_only=read_only)
 
