@@ -19,11 +19,13 @@ from pathlib import Path
 USER_ERRORS = (ValueError, KeyError, OSError, ImportError)
 
 
-def check_model(name_or_path: str) -> None:
-    """A local (or packaged) model folder with a broken config.json or weight index fails here, naming the
-    file, before `transformers` reads it; Hub ids are left to the download."""
-    from jaxft.hf.files import check_model_folder
+def check_model(name_or_path: str, task: str | None = None) -> None:
+    """A local (or packaged) model folder with a broken config.json or weight index, or of a model type
+    (and task) jaxft has no module for, fails here naming the file, before `transformers` reads it; Hub
+    ids are left to the download."""
+    from jaxft.hf.files import check_model_folder, read_json_object
     from jaxft.hf.load import resolve
+    from jaxft.models import FAMILIES, get_family
 
     name = str(name_or_path)
     if not (name.startswith(("package:", ".", "/", "~")) or Path(name).expanduser().exists()):
@@ -33,6 +35,11 @@ def check_model(name_or_path: str) -> None:
     except TypeError as e:  # importlib: `package:os/x` names a module that is not a package
         raise FileNotFoundError(f"model {name}: {e}") from None
     check_model_folder(folder)
+    model_type = read_json_object(folder / "config.json", "model config")["model_type"]
+    try:  # an unknown model_type fails whatever the task
+        get_family(model_type, task or (next(iter(FAMILIES[model_type].modules)) if model_type in FAMILIES else ""))
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
 
 
 def cmd_train(args) -> None:
@@ -40,7 +47,7 @@ def cmd_train(args) -> None:
     from jaxft.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    check_model(cfg.model.name_or_path)
+    check_model(cfg.model.name_or_path, cfg.model.task)
     summary = train(cfg)
     print(json.dumps(summary, indent=2, default=str))
     for split in ("eval", "test"):
@@ -64,7 +71,7 @@ def cmd_eval(args) -> None:
     if not run:
         raise ConfigError("jaxft eval needs checkpoint=RUN_DIR")
     cfg = load_config(args.config, overrides)
-    check_model(cfg.model.name_or_path)
+    check_model(cfg.model.name_or_path, cfg.model.task)
     parallel.initialize_from_config(cfg.mesh)
     setup_logging()
     mesh = parallel.make_mesh(cfg.mesh.model_dump())
@@ -93,7 +100,7 @@ def cmd_export(args) -> None:
     cfg = run_config(args.run_dir)
     base = Path(cfg.model.name_or_path).expanduser()
     check_export_target(out, args.overwrite, keep=(args.run_dir, base if base.is_dir() else None))
-    check_model(cfg.model.name_or_path)
+    check_model(cfg.model.name_or_path, cfg.model.task)
     model, labels, step = restore_model(args.run_dir, cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
     template = chat_template(cfg)
@@ -105,8 +112,16 @@ def cmd_export(args) -> None:
 
 def cmd_generate(args) -> None:
     from jaxft.generate import generate_text
-    from jaxft.train.run import setup_logging
+    from jaxft.train.run import run_config, setup_logging
 
+    if (Path(args.model_dir) / "config.yaml").exists():  # a run directory
+        cfg = run_config(args.model_dir)
+        if cfg.model.task != "causal-lm":
+            raise ValueError(f"{args.model_dir} is a model.task={cfg.model.task} run (its config.yaml); jaxft "
+                             f"generate continues text with a causal LM")
+        check_model(cfg.model.name_or_path, cfg.model.task)
+    else:
+        check_model(args.model_dir, "causal-lm")
     setup_logging()
     print(generate_text(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat))
@@ -117,7 +132,7 @@ def cmd_plan(args) -> None:
     from jaxft.plan import plan
 
     cfg = load_config(args.config, args.overrides)
-    check_model(cfg.model.name_or_path)
+    check_model(cfg.model.name_or_path, cfg.model.task)
     result = plan(cfg, devices=args.devices, compile=not args.analytic)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
 

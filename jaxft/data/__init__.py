@@ -107,11 +107,22 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
 def chat_template(cfg: Config) -> str | None:
     """`data.chat_template` as given, or the contents of the file it names."""
     t = cfg.data.chat_template
+    where = "data.chat_template"
     if t is not None and "{" not in t:
         path = Path(t).expanduser()
         if not path.exists():
             raise DataError(f"data.chat_template={t!r} is neither a Jinja template nor an existing file")
-        return path.read_text()
+        if not path.is_file():
+            raise DataError(f"data.chat_template={t!r} is a folder, not a template file")
+        t, where = path.read_text(), f"data.chat_template (file {path})"
+    if t is not None:
+        import jinja2
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        try:  # a syntax error here, naming the key, rather than a traceback from the first rendered row
+            _compile_jinja_template(t)  # transformers' environment ({% generation %} markers and all)
+        except jinja2.TemplateSyntaxError as e:
+            raise DataError(f"{where} is not a valid Jinja template: {e.message} (line {e.lineno})") from None
     return t
 
 

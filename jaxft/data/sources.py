@@ -57,10 +57,30 @@ def load_table(spec: str, key: str, limit: int | None = None) -> dict[str, list]
         try:
             ds = datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows", **kwargs)
         except Exception as e:
-            raise DataError(f"{key}: cannot read {path}: {e}") from e
+            raise DataError(f"{key}: cannot read {path}: {_why(e, path)}") from None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds.to_dict()
+
+
+def _why(e: Exception, path: Path) -> str:
+    """What `datasets` could not read: the first line that is not JSON of a JSON-lines file, else the
+    innermost cause (its wrapper says only "An error occurred while generating the dataset")."""
+    if path.suffix.lower() == ".jsonl":
+        import json
+
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as bad:
+                        return f"line {i} is not valid JSON ({bad})"
+    causes, seen = [], e
+    while seen is not None and len(causes) < 10:
+        causes.append(f"{type(seen).__name__}: {seen}".strip().splitlines()[0][:300])
+        seen = seen.__cause__ or seen.__context__
+    return causes[0] if len(causes) == 1 else f"{causes[0]} ({causes[-1]})"
 
 
 def require_column(table: dict[str, list], field: str, key: str, spec: str) -> list:

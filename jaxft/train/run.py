@@ -183,6 +183,11 @@ def claim_run_dir(cfg: Config):
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} is a file, not a folder")
+    parent = run_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output_dir {run_dir}: {parent} is a file, not a folder")
     held = run_contents(run_dir) if run_dir.is_dir() else []
     if held and not cfg.checkpoint.resume:
         if cfg.checkpoint.overwrite != "move":
