@@ -83,6 +83,54 @@ def test_packing_keeps_documents_apart():
         assert seg[0] == 1 and np.all(np.diff(seg) >= 0)
 
 
+def test_packed_text_rows_stay_apart(tmp_path):
+    """`text` rows (every token, the first of each document included, is a target) packed several to a row:
+    every token carries its own document's segment id, each document's logits equal its logits alone (no
+    position attends across a boundary, positions restart), and the loss sums exactly the documents' own
+    next-token losses (no position predicts the next document's first token)."""
+    import jaxft
+    from causal_helpers import save_hf
+    from jaxft.data.batches import Batches
+    from jaxft.train.losses import causal_lm_loss
+
+    tok = make_tokenizer()
+    docs = ["w1 w2 w3", "w4 w5", "w6", "w7 w8 w9 w10 w11", "hello world", "d1 d2 d3 d4", "map w12 please"]
+    enc, _ = build_sft({"text": docs}, tok, data_cfg(), "train")
+    singles = [enc.example(i) for i in range(len(enc))]
+    assert all(s["loss_mask"].all() for s in singles)  # text rows: every token is a target
+    packed = pack(enc, 12, seed=0)
+    assert len(packed) < len(enc)
+    batch = Batches(packed, None, len(packed), pad_id=tok.pad_token_id, max_length=12, padding="max_length").next()
+    seen = []
+    for r in range(len(packed)):
+        seg, ids, n = batch["segment_ids"][r], batch["input_ids"][r], int(packed.lengths()[r])
+        assert (seg[n:] == 0).all() and (batch["attention_mask"][r, :n] == 1).all()
+        bounds = np.flatnonzero(np.diff(seg[:n])) + 1
+        pieces = np.split(np.arange(n), bounds)
+        assert [int(seg[p[0]]) for p in pieces] == list(range(1, len(pieces) + 1))
+        for p in pieces:  # each segment is one whole document, every token of it with the same id
+            match = [i for i, s in enumerate(singles) if s["input_ids"].tolist() == ids[p].tolist()]
+            assert len(match) >= 1 and (seg[p] == seg[p[0]]).all()
+            seen.append((match[0], r, p))
+    assert sorted(i for i, _, _ in seen) == list(range(len(docs)))
+    assert max(len(np.unique(batch["segment_ids"][r])) - 1 for r in range(len(packed))) >= 3
+
+    model = jaxft.load_model(save_hf("llama-gqa-tied", tmp_path / "m"), task="causal-lm")  # all params random
+    logits = np.asarray(model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                              segment_ids=batch["segment_ids"]))
+    # the same documents unpacked, one per (right-padded) row
+    alone = Batches(enc, None, len(enc), pad_id=tok.pad_token_id, max_length=12).next()
+    ref = np.asarray(model(alone["input_ids"], attention_mask=alone["attention_mask"]))
+    for i, r, p in seen:
+        np.testing.assert_allclose(logits[r, p], ref[i, : len(p)], atol=1e-4, rtol=0)
+    total, aux = causal_lm_loss(model, alone, None)
+    total, weight = float(total), float(aux["weight"])
+    packed_sum, packed_aux = causal_lm_loss(model, batch, None)
+    assert weight == sum(len(s["input_ids"]) - 1 for s in singles)
+    assert float(packed_aux["weight"]) == weight
+    assert abs(float(packed_sum) - total) < 1e-5 * max(1.0, total)
+
+
 def test_packed_and_unpacked_losses_agree(tmp_path):
     import jax.numpy as jnp
 
