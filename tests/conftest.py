@@ -29,8 +29,14 @@ def minilm_dir() -> Path:
     return Path(mod.get_model_path())
 
 
-def save_tiny_bert(folder: Path, seed: int = 0, tokenizer_from: Path | None = None, **overrides) -> Path:
-    """A random `BertForSequenceClassification` saved with `save_pretrained` (float32)."""
+def save_tiny_bert(folder: Path, seed: int = 0, tokenizer_from: Path | None = None, random_init: bool = False,
+                   **overrides) -> Path:
+    """A random `BertForSequenceClassification` saved with `save_pretrained` (float32).
+
+    `transformers`' default init gives logits of about 0.01, too small for parity bars to see much; with
+    `random_init` every parameter is drawn at random instead (LayerNorm scales 1 ± 0.2, biases 0.1 and
+    matrices 0.3 standard deviation, the classifier 1.0), so logits are of a few units and a wrong mapping of any tensor, the
+    attention mask or even exact vs tanh GELU moves them well past 1e-4."""
     import torch
     import transformers
 
@@ -39,6 +45,15 @@ def save_tiny_bert(folder: Path, seed: int = 0, tokenizer_from: Path | None = No
     kw.update(overrides)
     torch.manual_seed(seed)
     model = transformers.BertForSequenceClassification(transformers.BertConfig(**kw)).eval()
+    if random_init:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "LayerNorm.weight" in name:
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                elif p.ndim == 1:
+                    p.copy_(0.1 * torch.randn_like(p))
+                else:  # the classifier larger: logits of a few units
+                    p.copy_((1.0 if name.startswith("classifier") else 0.3) * torch.randn_like(p))
     model.save_pretrained(folder)
     if tokenizer_from is not None:
         transformers.AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(folder)
