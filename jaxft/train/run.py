@@ -218,6 +218,9 @@ def claim_run_dir(cfg: Config):
         yield
     finally:
         lock.release()
+        root = logging.getLogger("jaxft")  # lines held for a train.log that a refused start never opened
+        for h in [h for h in root.handlers if isinstance(h, _Pending)]:
+            root.removeHandler(h)
 
 
 def checkpoints_of(run_dir: Path, cfg: Config, read_only: bool = False) -> Checkpoints:
