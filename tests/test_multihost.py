@@ -1,6 +1,8 @@
 """Multi-host: two local processes (`jax.distributed` on CPU, gloo collectives, 2 devices each) form one
 4-device mesh, each feeding its own half of every global batch, and train, checkpoint (Orbax, collectively),
 resume and export a tiny Llama exactly like one process with 4 devices; only process 0 writes the export.
+`jaxft train` itself runs as two such processes: each feeds its slice of every batch, only process 0 writes
+the run's files, and SIGTERM to one process stops both at the same step with one checkpoint.
 A run where only one process starts exits with a message instead of hanging.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +22,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from causal_helpers import save_hf
+from jaxft.cli import main
+from sft_helpers import save_tiny_llama
 
 HERE = Path(__file__).resolve().parent
 MESH = {"data": 2, "fsdp": 2}
@@ -108,3 +113,137 @@ def test_single_process_runs_need_no_settings(monkeypatch):
     assert initialize_distributed("off", coordinator="127.0.0.1:1") is False
     with pytest.raises(ValueError, match="mesh.distributed='maybe'"):
         initialize_distributed("maybe")
+
+
+# Runs `jaxft train` (argv[2:]) with an audit hook recording every file this process creates, writes,
+# renames or deletes in the run directory (argv[1]) outside `checkpoints/`, which Orbax writes collectively;
+# the list goes to argv[1]/../writes_p<process id>.json at exit.
+TRAIN_WITH_AUDIT = r"""
+import atexit, json, os, sys
+
+run, argv = os.path.abspath(sys.argv[1]), sys.argv[2:]
+ckpts, writes = os.path.join(run, "checkpoints"), set()
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.move", "os.truncate"}
+
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if (mode is not None and not set(mode) & set("wax+")) or (mode is None and not (flags or 0) & WRITE):
+            return
+    elif event in EVENTS:
+        path = args[0]
+    else:
+        return
+    for path in (path, args[1]) if event in ("os.rename", "shutil.move") else (path,):  # both ends
+        if isinstance(path, int):
+            continue
+        path = os.path.abspath(os.fsdecode(path))
+        if path.startswith(run + os.sep) and not (path + os.sep).startswith(ckpts + os.sep):
+            writes.add(os.path.relpath(path, run))
+
+sys.addaudithook(hook)
+
+def report():
+    pid = next(a.split("=", 1)[1] for a in argv if a.startswith("mesh.process_id="))
+    with open(os.path.join(os.path.dirname(run), f"writes_p{pid}.json"), "w") as f:
+        json.dump(sorted(writes), f)
+
+atexit.register(report)
+from jaxft.cli import main
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.slow
+def test_jaxft_train_on_two_processes_slices_writes_once_and_stops_together(tmp_path):
+    """`jaxft train` as two processes (2 CPU devices each, one data=2 × fsdp=2 mesh): the per-step losses and
+    the preemption checkpoint equal a one-device run's (so each process fed its own half of every global
+    batch); process 0 alone writes the run files; SIGTERM to process 1 stops both at the same step, each
+    exiting with 75, with exactly one checkpoint, of that step."""
+    model = save_tiny_llama(tmp_path / "llama", hidden_size=32, intermediate_size=48)
+    words = ["w1", "w2", "w3", "d4", "d5", "hello", "world", "map", "please"]
+    rng = np.random.RandomState(0)
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(words, rng.randint(3, 13)))}) + "\n" for _ in range(200)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name_or_path: {model}, task: causal-lm}}\n"
+                   f"data: {{train: {tmp_path / 'rows.jsonl'}, max_length: 16, cache_dir: {tmp_path / 'cache'}}}\n"
+                   "optim: {lr: 3.0e-3, schedule: constant}\n"
+                   "train: {batch_size: 8, steps: 400, log_every: 1, log_batches: true}\n"
+                   "mesh: {data: 2, fsdp: 2}\n")
+    run, port, procs = tmp_path / "run", free_port(), []
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    for pid in range(2):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", TRAIN_WITH_AUDIT, str(run), "train", str(cfg), f"output_dir={run}",
+             f"mesh.coordinator=127.0.0.1:{port}", "mesh.num_processes=2", f"mesh.process_id={pid}",
+             "mesh.init_timeout=240"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        deadline = time.monotonic() + 400
+        while not ((run / "batches.jsonl").exists() and len((run / "batches.jsonl").read_text().splitlines()) >= 2):
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+            assert time.monotonic() < deadline, "no training step within 400 s"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [75, 75], [e[-3000:] for e in errs]
+    stopped = [int(e.split("preempted at step ")[1].split(":")[0]) for e in errs]
+    step = stopped[0]
+    assert stopped == [step, step] and 2 <= step < 400, stopped
+    assert sorted(os.listdir(run / "checkpoints")) == [str(step)]            # exactly one checkpoint
+
+    # process 0 alone wrote the run files (each once: no step logged twice)
+    p0, p1 = (json.loads((tmp_path / f"writes_p{pid}.json").read_text()) for pid in range(2))
+    assert p1 == [], p1
+    assert {"config.yaml", "metrics.jsonl", "batches.jsonl", "train.log"} <= set(p0), p0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, step + 1))
+    assert len((run / "batches.jsonl").read_text().splitlines()) == step
+    assert len(list((run / "tensorboard").iterdir())) == 1
+
+    # the same run on one device, in this process, stopped at the same step
+    ref = tmp_path / "ref"
+    assert main(["train", str(cfg), f"output_dir={ref}", "mesh.data=1", "mesh.fsdp=1",
+                 f"train.stop_at_step={step}"]) == 0
+    ref_rows = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], rtol=1e-4)
+    assert [r["trained_tokens_per_step"] for r in rows] == [r["trained_tokens_per_step"] for r in ref_rows]
+    assert main(["export", str(run), str(tmp_path / "e_multi")]) == 0
+    assert main(["export", str(ref), str(tmp_path / "e_ref")]) == 0
+    ours, theirs = (load_file(tmp_path / e / "model.safetensors") for e in ("e_multi", "e_ref"))
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_ctrl_c_on_a_multi_process_run_reaches_jax_as_sigterm(monkeypatch):
+    """JAX's preemption notifier (a C++ SIGTERM handler, set by `jax.distributed.initialize`) is what makes
+    every process stop at the same step; it does not listen for SIGINT. The guard of a multi-process run
+    leaves SIGTERM to it and forwards a first Ctrl-C as a SIGTERM to its own process; a second one stops."""
+    import jax
+
+    from jaxft.train import faults
+
+    got = []
+    notifier = lambda signum, frame: got.append(signum)       # stands in for JAX's SIGTERM handler
+    previous = signal.signal(signal.SIGTERM, notifier)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    guard = faults.PreemptionGuard()
+    try:
+        assert signal.getsignal(signal.SIGTERM) is notifier    # JAX's handler is left in place
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)                                        # handlers run between bytecodes
+        assert got == [signal.SIGTERM] and guard.requested
+        with pytest.raises(KeyboardInterrupt):                 # a second Ctrl-C: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert got == [signal.SIGTERM]
+    finally:
+        guard.close()
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

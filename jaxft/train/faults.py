@@ -9,6 +9,7 @@ Exit codes of `jaxft train` (besides 0 and 2 = bad input):
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import statistics
 from collections import deque
@@ -34,16 +35,16 @@ class PreemptionGuard:
 
     One process: a signal handler sets a flag. Several processes: JAX's coordination service (started
     by `jax.distributed.initialize`) already listens for SIGTERM — and, on TPU VMs, for maintenance
-    events — and `reached_preemption_sync_point` makes every process agree on the same step.
+    events — and `reached_preemption_sync_point` makes every process agree on the same step; it does
+    not listen for SIGINT, so a first Ctrl-C is forwarded to it as a SIGTERM to this process.
     """
 
     def __init__(self):
         self.requested = False
         self.multi = jax.process_count() > 1
         self._previous = {}
-        if not self.multi:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        for sig in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
@@ -51,6 +52,8 @@ class PreemptionGuard:
         self.requested = True
         log.warning("received %s: will checkpoint at the next step boundary and exit",
                     signal.Signals(signum).name)
+        if self.multi:  # JAX's preemption notifier (a C++ SIGTERM handler) tells every process
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def should_stop(self, step: int) -> bool:
         if self.multi:
