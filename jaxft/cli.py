@@ -2,7 +2,7 @@
 
     jaxft train CONFIG.yaml [key.sub=value ...]
     jaxft eval CONFIG.yaml checkpoint=RUN_DIR [key.sub=value ...]
-    jaxft export RUN_DIR OUT_DIR [--overwrite]
+    jaxft export RUN_DIR OUT_DIR [--overwrite] [--adapter]
     jaxft generate MODEL_DIR|RUN_DIR --prompt "..." [--max-new-tokens --temperature --top-p --seed --chat]
     jaxft plan CONFIG.yaml [key.sub=value ...] [--devices N] [--analytic] [--json]
 """
@@ -92,7 +92,8 @@ def cmd_export(args) -> None:
     from jaxft.data import chat_template
     from jaxft.hf.export import check_export_target, save_pretrained
     from jaxft.hf.load import resolve
-    from jaxft.train.run import restore_model, run_config, setup_logging
+    from jaxft.lora import merge, save_adapter
+    from jaxft.train.run import restore_run, run_config, setup_logging
 
     out = Path(args.out_dir)
     check_export_target(out, args.overwrite, keep=(args.run_dir,))  # before anything is loaded
@@ -101,11 +102,21 @@ def cmd_export(args) -> None:
     base = Path(cfg.model.name_or_path).expanduser()
     check_export_target(out, args.overwrite, keep=(args.run_dir, base if base.is_dir() else None))
     check_model(cfg.model.name_or_path, cfg.model.task)
-    model, labels, step = restore_model(args.run_dir, cfg)
+    run = restore_run(args.run_dir, cfg)
+    model, labels, step = run.model, run.labels, run.step
+    if args.adapter and run.adapters is None:
+        raise ValueError(f"--adapter: {args.run_dir} is a full fine-tuning run (model.lora.rank is not set); "
+                         f"export it without --adapter")
     tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
     template = chat_template(cfg)
     if template:  # export the chat template training used, so serving formats prompts the same way
         tokenizer.chat_template = template
+    if args.adapter:
+        save_adapter(model, run.adapters, out, cfg.model.name_or_path, tokenizer=tokenizer)
+        print(f"exported the LoRA adapter of step {step} of {args.run_dir} to {out} (peft format)")
+        return
+    if run.adapters is not None:
+        merge(model, run.adapters)  # base + scale·A·B: a plain model transformers loads
     save_pretrained(model, out, tokenizer=tokenizer, id2label=labels.id2label if labels else None)
     print(f"exported step {step} of {args.run_dir} to {out}")
 
@@ -162,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("out_dir")
     x.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR")
+    x.add_argument("--adapter", action="store_true", help="LoRA runs: write a peft adapter folder instead of the "
+                                                          "merged model")
     x.set_defaults(func=cmd_export)
     g = sub.add_parser("generate", help="continue a prompt with a causal LM (HF folder or run directory)")
     g.add_argument("model_dir")

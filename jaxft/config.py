@@ -37,6 +37,19 @@ class MoESection(Section):
     freeze_router: bool = Field(False, description="keep the router (gate) weights fixed")
 
 
+class LoraSection(Section):
+    """LoRA adapters on the frozen base (`jaxft.lora`); on when `rank` is set."""
+
+    rank: int | None = Field(None, ge=1, description="adapter rank r; null = full fine-tuning")
+    alpha: float = Field(16.0, gt=0, description="scale = alpha / r (alpha / sqrt(r) with rslora)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input, training only")
+    targets: str = Field("all-linear", description="regex over HF module names (q_proj|v_proj), or all-linear")
+    rslora: bool = False
+    train_modules: str | None = Field("default", description="regex over HF module names trained in full "
+                                      "(peft's modules_to_save); default: the classifier of "
+                                      "sequence-classification, nothing for causal-lm")
+
+
 class ModelSection(Section):
     name_or_path: str = Field(description="local HF folder or Hub id")
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
@@ -48,6 +61,7 @@ class ModelSection(Section):
     scan_layers: bool = Field(False, description="stack the blocks' parameters on a leading layer axis and run "
                               "them with jax.lax.scan: compile time independent of depth")
     moe: MoESection = MoESection()
+    lora: LoraSection = LoraSection()
 
 
 class CleanSection(Section):

@@ -3,21 +3,21 @@
     clip_by_global_norm(optim.clip_norm) → adamw(schedule, b1, b2, eps, weight_decay, mask)
 
 Weight decay is decoupled (AdamW) and, as in the Hugging Face convention, applies only to matrices
-(`kernel`, `embedding`), never to biases or normalisation scales. Schedules match `transformers`'
+(`kernel`, `embedding`, LoRA's `lora.a` / `lora.b`), never to biases or normalisation scales. What
+trains at all is decided before the optimizer (`jaxft.train.model.trainable_filter`): the chain only
+ever sees trainable parameters. Schedules match `transformers`'
 `get_{linear,cosine,constant}_schedule_with_warmup`: update k uses lr·f(k), rising linearly from 0
 over the warmup, then decaying to 0 at the last step (linear, cosine) or staying flat (constant).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import optax
 
 from jaxft.config import OptimSection
 
-DECAYED = ("kernel", "embedding")
+DECAYED = ("kernel", "embedding", "lora.a", "lora.b")
 
 
 def warmup_steps(cfg: OptimSection, total_steps: int) -> int:
@@ -39,26 +39,25 @@ def schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for leaves named `...kernel` or `...embedding` (matrices), False for biases and norm scales.
+    """True for leaves named `...kernel`, `...embedding` or `...lora.a/b` (matrices), False for biases and
+    norm scales.
 
     Works on nested dicts and on jaxft's flat `{"a.b.kernel": array}` parameter dicts alike.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: str(getattr(path[-1], "key", "")).rsplit(".", 1)[-1] in DECAYED, params)
+    def decayed(path) -> bool:
+        keys = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+        name = ".".join(keys)
+        return any(name == d or name.endswith("." + d) for d in DECAYED)
+
+    return jax.tree_util.tree_map_with_path(lambda path, _: decayed(path), params)
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int, frozen: Callable[[str], bool] | None = None,
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The chain above; parameters whose flat path `frozen(path)` accepts get zero updates (and no
-    optimizer state), e.g. a frozen MoE router."""
+def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The chain above, over the trainable parameters."""
     lr = schedule(cfg, total_steps)
     chain = []
     if cfg.clip_norm is not None:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
     chain.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mask=decay_mask))
-    tx = optax.chain(*chain)
-    if frozen is not None:
-        labels = lambda params: {k: "frozen" if frozen(k) else "train" for k in params}
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    return tx, lr
+    return optax.chain(*chain), lr

@@ -58,6 +58,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "classes": (),
     "length": ("sequence",),
     "layers": (),          # the stacked layer axis of `model.scan_layers`: every device holds every layer
+    "lora_rank": (),       # a LoRA adapter's rank: A keeps the base's input axes, B its output axes
 }
 
 

@@ -36,8 +36,9 @@ from jax.sharding import AbstractMesh
 from jaxft import parallel
 from jaxft.config import Config
 from jaxft.optim import make_optimizer
-from jaxft.models.moe import is_router_param
+from jaxft.models.options import RunOptions
 from jaxft.train.losses import classification_loss, make_causal_lm_loss
+from jaxft.train.model import with_adapters
 from jaxft.train.step import Functional, init_state, make_train_step, state_shardings
 
 log = logging.getLogger("jaxft")
@@ -52,6 +53,7 @@ TENSOR_AXES = ("heads", "kv_heads", "mlp", "vocab")
 class MemoryPlan:
     model: str
     param_count: int
+    trainable_count: int           # parameters with gradients and optimizer state (all but a frozen base)
     mesh: dict[str, int]
     devices: int
     local_devices: int
@@ -77,7 +79,9 @@ class MemoryPlan:
                  f"estimate, not compiled")
         b, d = self.batch, self.per_device
         lines = [
-            f"model        {self.model}: {self.param_count:,} parameters ({_count(self.param_count)})",
+            f"model        {self.model}: {self.param_count:,} parameters ({_count(self.param_count)})"
+            + (f", {self.trainable_count:,} trainable ({self.trainable_count / self.param_count:.2%})"
+               if self.trainable_count != self.param_count else ""),
             f"precision    compute {self.settings['dtype']}, parameters {self.settings['param_dtype']}, "
             f"remat {self.settings['remat']}",
             f"mesh         {mesh} ({self.devices} devices) — {where}",
@@ -114,16 +118,15 @@ def _count(n: int) -> str:
 
 def abstract_model(cfg: Config) -> tuple[nnx.Module, str]:
     """The model of `cfg` with shapes and dtypes but no memory, and a label naming it."""
-    from jaxft.hf.load import abstract_module, read_hf_config, resolve
-    from jaxft.models import get_family
+    from jaxft.hf.load import abstract_module, model_config, resolve
 
     folder = resolve(cfg.model.name_or_path)
-    hf = read_hf_config(folder)
-    family = get_family(hf.model_type, cfg.model.task)
-    num_labels = cfg.model.num_labels or (hf.num_labels if getattr(hf, "id2label", None) else 2)
-    mcfg = family.config_from_hf(hf, num_labels=num_labels, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-    mcfg = dataclasses.replace(mcfg, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
-    return abstract_module(family.modules[cfg.model.task], mcfg), f"{hf.model_type} ({folder})"
+    m = cfg.model
+    options = RunOptions(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    hf, family, mcfg = model_config(folder, m.task, options, m.num_labels)
+    model = abstract_module(family.modules[cfg.model.task], mcfg)
+    model.hf_config = hf.to_dict()
+    return model, f"{hf.model_type} ({folder})"
 
 
 def batch_shapes(task: str, batch: int, length: int, packing: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
@@ -158,12 +161,13 @@ def activation_bytes(fn: Functional, loss_fn, batch: dict, tensor: int) -> int:
     parameter of the same shape and dtype). A residual dimension whose size is that of a dimension the
     `tensor` axis splits (heads, MLP width, vocabulary) is counted as split.
     """
-    def residuals(params, b):
-        return jax.vjp(lambda p: loss_fn(fn.module(p), b, None)[0], params)[1]
+    def residuals(params, frozen, b):
+        return jax.vjp(lambda p: loss_fn(fn.module(p, frozen), b, None)[0], params)[1]
 
-    leaves = [x for x in jax.tree.leaves(jax.eval_shape(residuals, fn.params, batch)) if hasattr(x, "shape")]
-    params = Counter((tuple(p.shape), str(p.dtype)) for p in fn.params.values())
-    split = {size for k, p in fn.params.items() for name, size in zip(fn.axes[k] or (), p.shape)
+    frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in fn.frozen.items()}
+    leaves = [x for x in jax.tree.leaves(jax.eval_shape(residuals, fn.params, frozen, batch)) if hasattr(x, "shape")]
+    params = Counter((tuple(p.shape), str(p.dtype)) for p in {**fn.params, **fn.frozen}.values())
+    split = {size for k, p in {**fn.params, **fn.frozen}.items() for name, size in zip(fn.axes[k] or (), p.shape)
              if name in TENSOR_AXES and size % tensor == 0} if tensor > 1 else set()
     total = 0
     for x in leaves:
@@ -193,7 +197,8 @@ def resolve_mesh(sizes: dict[str, int], local: int, devices: int | None):
 def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> MemoryPlan:
     """Work out the per-device memory of training `cfg` (see the module docstring)."""
     model, label = abstract_model(cfg)
-    fn = Functional(model)
+    run_model = with_adapters(model, cfg)
+    fn = Functional(run_model.model, run_model.trainable)
     local = jax.device_count()
     mesh, described = resolve_mesh(cfg.mesh.model_dump(), local, devices)
     dp = parallel.data_parallel_size(mesh)
@@ -201,10 +206,10 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     if B % (dp * accum):
         raise ValueError(f"train.batch_size={B} must be divisible by the data-parallel devices ({dp}) × "
                          f"train.grad_accum ({accum}) = {dp * accum}")
-    tx, lr = make_optimizer(cfg.optim, cfg.train.steps or 1000,
-                            is_router_param if cfg.model.moe.freeze_router else None)
+    tx, lr = make_optimizer(cfg.optim, cfg.train.steps or 1000)
     fn.mesh = mesh
     shard = state_shardings(fn, tx, mesh)
+    frozen_shard = {k: parallel.sharding(fn.axes[k], v.shape, mesh) for k, v in fn.frozen.items()}
     opt_shapes = jax.eval_shape(tx.init, fn.params)
     loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef) if cfg.model.task == "causal-lm" else classification_loss
     sp = parallel.sequence_parallel_size(mesh)
@@ -212,13 +217,17 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
         raise ValueError(f"data.max_length={T} must be divisible by mesh.sequence={sp}")
     # one device's share of a micro-batch: its rows and, under a `sequence` axis, its slice of their tokens
     micro = batch_shapes(cfg.model.task, B // (dp * accum), T // sp, cfg.data.packing)
-    d = {"params": sharded_bytes(fn.params, shard["params"]),
+    trained = sharded_bytes(fn.params, shard["params"])
+    d = {"params": trained + sharded_bytes(fn.frozen, frozen_shard),
          "opt_state": sharded_bytes(opt_shapes, shard["opt_state"])}
-    d["gradients"] = d["params"] * (2 if accum > 1 else 1)   # accumulated + one micro-batch's when accumulating
+    # gradients of the trainable parameters only (a frozen base has none): accumulated + one micro-batch's
+    # when accumulating
+    d["gradients"] = trained * (2 if accum > 1 else 1)
     d["activations"] = activation_bytes(fn, loss, micro, mesh.shape["tensor"])
     d["peak"] = d["params"] + d["opt_state"] + d["gradients"] + d["activations"]
     method = "analytic"
     if not described and compile:
+        fn.frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=frozen_shard[k]) for k, v in fn.frozen.items()}
         stats = compiled_memory(fn, tx, lr, loss, mesh, shard, batch_shapes(cfg.model.task, B, T, cfg.data.packing),
                                 accum)
         d["xla_arguments"], d["xla_temp"] = int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes)
@@ -226,7 +235,8 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
                         + stats.temp_size_in_bytes)
         method = "compiled"
     return MemoryPlan(
-        model=label, param_count=sum(math.prod(p.shape) for p in fn.params.values()),
+        model=label, param_count=sum(math.prod(p.shape) for p in {**fn.params, **fn.frozen}.values()),
+        trainable_count=sum(math.prod(p.shape) for p in fn.params.values()),
         mesh={a: int(mesh.shape[a]) for a in parallel.MESH_AXES}, devices=int(math.prod(mesh.shape.values())),
         local_devices=local, method=method, backend=jax.default_backend(),
         batch={"global": B, "grad_accum": accum, "per_device": B // (dp * accum), "length": T,
@@ -267,7 +277,7 @@ def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None,
         return None
     local = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree)
                              if hasattr(x, "addressable_shards"))
-    held, grads = local(state), local(state["params"])
+    held, grads = local(state) + local(fn.frozen), local(state["params"])
     dp, accum = parallel.data_parallel_size(mesh), cfg.train.grad_accum
     sp = parallel.sequence_parallel_size(mesh)
     micro = batch_shapes(cfg.model.task, cfg.train.batch_size // (dp * accum), cfg.data.max_length // sp,

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxft.models import moe, rope
 from jaxft.models.deepseek import DeepseekConfig
+from jaxft.models.options import RunOptions
 
 
 def layer_config(experts: int, top_k: int, hidden: int, width: int, dtype: str) -> DeepseekConfig:
@@ -32,7 +33,7 @@ def layer_config(experts: int, top_k: int, hidden: int, width: int, dtype: str) 
         v_head_dim=8, rope=rope.Rope(dim=8), softmax_scale=0.25, rope_interleave=True, first_k_dense_replace=0,
         n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=top_k, moe_intermediate_size=width,
         topk_method="noaux_tc", scoring_func="sigmoid", n_group=1, topk_group=1, norm_topk_prob=True,
-        routed_scaling_factor=2.5, dtype=dtype, param_dtype=dtype)
+        routed_scaling_factor=2.5, options=RunOptions(dtype=dtype, param_dtype=dtype))
 
 
 def time_layer(experts: int, top_k: int, tokens: int, hidden: int, width: int, impl: str, runs: int,

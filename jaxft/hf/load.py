@@ -11,7 +11,6 @@ initialised as `transformers` does and reported; anything else missing or unexpe
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -23,7 +22,9 @@ from flax import nnx
 from jaxft import parallel
 from jaxft.hf.files import WeightFile
 from jaxft.models import get_family
+from jaxft.models.lora import LoRAParam
 from jaxft.models.moe import Buffer
+from jaxft.models.options import RunOptions
 
 log = logging.getLogger("jaxft")
 
@@ -85,9 +86,20 @@ def abstract_module(module_cls, cfg) -> nnx.Module:
 
 def flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
     """`{'bert.layers.0.query.kernel': Param}` for every tensor a checkpoint holds: the `nnx.Param`s and
-    the non-trainable `Buffer`s (e.g. DeepSeek-V3's `e_score_correction_bias`)."""
-    return {".".join(map(str, path)): v
-            for path, v in nnx.to_flat_state(nnx.state(module, (nnx.Param, Buffer)))}
+    the non-trainable `Buffer`s (e.g. DeepSeek-V3's `e_score_correction_bias`), but not the jaxft-only
+    LoRA adapters (`LoRAParam`), which no Hugging Face checkpoint of the family holds."""
+    held = nnx.All(nnx.Any(nnx.Param, Buffer), nnx.Not(LoRAParam))
+    return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(module, held))}
+
+
+def model_config(folder: Path, task: str, options: RunOptions, num_labels: int | None = None):
+    """`(hf_config, family, config)` of the model in `folder` for `task`, run with `options`: what both
+    loading and planning build the (abstract) module from."""
+    hf = read_hf_config(folder)
+    family = get_family(hf.model_type, task)
+    if num_labels is None:
+        num_labels = hf.num_labels if getattr(hf, "id2label", None) else 2
+    return hf, family, family.config_from_hf(hf, options, num_labels=num_labels)
 
 
 def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None,
@@ -101,12 +113,8 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     `jax.lax.scan` (one compiled block whatever the depth).
     """
     folder = resolve(name_or_path)
-    hf = read_hf_config(folder)
-    family = get_family(hf.model_type, task)
-    if num_labels is None:
-        num_labels = hf.num_labels if getattr(hf, "id2label", None) else 2
-    cfg = family.config_from_hf(hf, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
-    cfg = dataclasses.replace(cfg, remat=remat, scan_layers=scan_layers)
+    options = RunOptions(dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers)
+    hf, family, cfg = model_config(folder, task, options, num_labels)
     module_cls = family.modules[task]
     abstract = abstract_module(module_cls, cfg)
     params = flat_params(abstract)

@@ -19,7 +19,7 @@ TASKS = ("sequence-classification", "causal-lm")
 @dataclass(frozen=True)
 class Family:
     name: str
-    config_from_hf: Callable[..., Any]       # (hf_config, num_labels=, dtype=, param_dtype=) -> config
+    config_from_hf: Callable[..., Any]       # (hf_config, RunOptions, num_labels=) -> config
     modules: dict[str, type]                 # task -> NNX module class taking (config, rngs)
     name_table: Callable[[Any, str], NameTable]
     architectures: dict[str, str]            # task -> HF class name for config.json

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
+from jaxft.models.options import RunOptions
 from jaxft.models.layers import (Dense, Embed, Keys, LayerNorm, activation, attention, dropout, make_layers,
                                  padding_mask, residual, run_layers)
 
@@ -33,17 +34,14 @@ class BertConfig:
     initializer_range: float = 0.02
     classifier_dropout: float | None = None
     num_labels: int = 2
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per encoder block
-    scan_layers: bool = False  # stack the blocks and run them with jax.lax.scan (`layers.run_layers`)
+    options: RunOptions = RunOptions()  # dtype, param_dtype, remat, scan_layers (`jaxft.models.options`)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, hf, *, num_labels: int, dtype: str, param_dtype: str) -> "BertConfig":
+    def from_hf(cls, hf, options: RunOptions = RunOptions(), *, num_labels: int | None = None) -> "BertConfig":
         """Read a `transformers` BertConfig; raise on any option that changes the math and we lack."""
         unsupported = {
             "position_embedding_type": ("absolute", None),
@@ -66,16 +64,12 @@ class BertConfig:
             max_position_embeddings=hf.max_position_embeddings, type_vocab_size=hf.type_vocab_size,
             layer_norm_eps=hf.layer_norm_eps, initializer_range=hf.initializer_range,
             classifier_dropout=getattr(hf, "classifier_dropout", None), num_labels=num_labels,
-            dtype=dtype, param_dtype=param_dtype)
-
-
-def _kw(cfg: BertConfig) -> dict:
-    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+            options=options)
 
 
 class BertEmbeddings(nnx.Module):
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        kw, std = _kw(cfg), cfg.initializer_range
+        kw, std = cfg.options.kw(), cfg.initializer_range
         self.word = Embed(cfg.vocab_size, cfg.hidden_size, std=std, rngs=rngs, **kw)
         self.position = Embed(cfg.max_position_embeddings, cfg.hidden_size, axes=("position", "embed"),
                               std=std, rngs=rngs, **kw)
@@ -94,7 +88,7 @@ class BertLayer(nnx.Module):
     """Post-LN block: `x = LN(x + Attn(x)); x = LN(x + W2·act(W1·x))`."""
 
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        kw, std = _kw(cfg), cfg.initializer_range
+        kw, std = cfg.options.kw(), cfg.initializer_range
         D, N, H, F = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
         qkv = lambda: Dense("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"), std=std,
                             rngs=rngs, **kw)
@@ -121,11 +115,11 @@ class BertModel(nnx.Module):
 
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
         self.embeddings = BertEmbeddings(cfg, rngs)
-        self.layers = make_layers(lambda i: BertLayer(cfg, rngs), cfg.num_hidden_layers, cfg.scan_layers)
+        self.layers = make_layers(lambda i: BertLayer(cfg, rngs), cfg.num_hidden_layers, cfg.options.scan_layers)
         D = cfg.hidden_size
         self.pooler = Dense("BD,DE->BE", (D, D), ("embed", "mlp"), std=cfg.initializer_range,
-                            rngs=rngs, **_kw(cfg))
-        self.remat = cfg.remat
+                            rngs=rngs, **cfg.options.kw())
+        self.remat = cfg.options.remat
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, keys: Keys | None = None):
         keys = keys or Keys(None)
@@ -149,7 +143,7 @@ class BertForSequenceClassification(nnx.Module):
         self.config = cfg
         self.bert = BertModel(cfg, rngs)
         self.classifier = Dense("BD,DC->BC", (cfg.hidden_size, cfg.num_labels), ("embed", "classes"),
-                                std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+                                std=cfg.initializer_range, rngs=rngs, **cfg.options.kw())
         rate = cfg.classifier_dropout
         self.rate = cfg.hidden_dropout_prob if rate is None else rate
 
@@ -163,7 +157,7 @@ def name_table(cfg: BertConfig, task: str) -> NameTable:
     """HF `BertForSequenceClassification` names ↔ jaxft paths (with `scan_layers` the layer index is the
     stacked leading axis, not part of the path)."""
     L = "bert.encoder.layer.{i}."
-    J = "bert.layers." if cfg.scan_layers else "bert.layers.{i}."
+    J = "bert.layers." if cfg.options.scan_layers else "bert.layers.{i}."
     rules = [
         Rule("bert.embeddings.word_embeddings.weight", "bert.embeddings.word.embedding"),
         Rule("bert.embeddings.position_embeddings.weight", "bert.embeddings.position.embedding"),

@@ -1,4 +1,5 @@
-"""What every causal-LM family shares: positions, attention masks, and the KV cache.
+"""What every causal-LM family shares: positions, attention masks, the KV cache, and the `CausalLM` base
+that owns the output head, the logits, the cache and decoding.
 
 A causal LM is called in one of two ways, both through the same layer code:
 
@@ -16,11 +17,15 @@ padding, a sliding window counts the pad slots too.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxft.models.layers import Dense, Embed, Keys
+from jaxft.models.options import RunOptions
+from jaxft.parallel import constrain
 
 Array = jax.Array
 
@@ -126,3 +131,83 @@ def write(buffer: Array, new: Array, index: Array) -> Array:
 def finish_cache(cache: KVCache, keys, values, steps: int) -> KVCache:
     """The cache after a call that wrote `steps` tokens into the (already updated) buffers `keys`, `values`."""
     return cache._replace(keys=tuple(keys), values=tuple(values), index=cache.index + steps)
+
+
+class CausalLM(nnx.Module):
+    """The base of every causal-LM family (`*ForCausalLM`): head, logits, KV cache and decoding.
+
+    A family builds its backbone and calls `init_head`; it then provides
+
+    * `backbone(input_ids, positions, masks, token_mask, keys, cache) -> (h [B, T, D], (keys, values), stats)`:
+      `masks` is `{window: [B, 1, T, S] mask}` for the distinct windows in `self.windows`, `token_mask`
+      the `[B, T]` real-token mask (for router statistics), `cache` a `KVCache` or None; it returns the
+      final hidden states, the per-layer buffers it wrote (empty lists without a cache) and the MoE
+      `RouterStats` (None for dense models);
+    * `input_embedding()`: the token `Embed` (the output matrix when embeddings are tied);
+    * `kv_shapes()`: per layer `((K, Hk), (K, Hv))`, the trailing shapes of its cache buffers.
+
+    Logits are float32 `[B, T, V]` pinned to vocabulary sharding; `hidden` and `logits` are exposed apart so
+    a loss can compute the head chunk by chunk.
+    """
+
+    task = "causal-lm"
+    windows: tuple = (None,)
+    max_positions: int | None = None   # the longest cache a family with learned positions can serve,
+    positions_field = "max_position_embeddings"  # and the config field that sets it
+
+    def init_head(self, hidden: int, vocab: int, tied: bool, std: float, options: RunOptions,
+                  rngs: nnx.Rngs) -> None:
+        self.tied = tied
+        if not tied:
+            self.lm_head = Dense("BTD,DV->BTV", (hidden, vocab), ("embed", "vocab"), use_bias=False, std=std,
+                                 rngs=rngs, **options.kw())
+
+    def input_embedding(self) -> Embed:
+        raise NotImplementedError
+
+    def kv_shapes(self) -> list:
+        raise NotImplementedError
+
+    def backbone(self, input_ids, positions, masks: dict, token_mask, keys: Keys, cache: KVCache | None):
+        raise NotImplementedError
+
+    def logits(self, h: Array) -> Array:
+        """`h [B, T, D]` → float32 logits `[B, T, V]` (tied: against the input embedding)."""
+        logits = self.input_embedding().attend(h) if self.tied else self.lm_head(h)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def hidden(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
+               dropout_rng=None) -> tuple[Array, Any]:
+        """`(h [B, T, D], router stats or None)` of a full-sequence call; see `__call__`."""
+        if positions is None:
+            positions = default_positions(input_ids, segment_ids)
+        masks = sequence_masks(input_ids, attention_mask, segment_ids, self.windows)
+        token_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask
+        h, _, stats = self.backbone(input_ids, positions, masks, token_mask, Keys(dropout_rng), None)
+        return h, stats
+
+    def forward_with_router_stats(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
+                                  dropout_rng=None) -> tuple:
+        """`(logits [B, T, V], RouterStats or None)`; statistics count the tokens `attention_mask` marks real."""
+        h, stats = self.hidden(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
+                               dropout_rng=dropout_rng)
+        return self.logits(h), stats
+
+    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, dropout_rng=None):
+        """`logits [B, T, V]` (float32) of the next token at every position. `attention_mask [B, T]`: 1 =
+        token, 0 = padding; `segment_ids [B, T]`: packed document ids (no attention across documents;
+        positions restart per document unless `positions` is given)."""
+        return self.forward_with_router_stats(input_ids, attention_mask, segment_ids=segment_ids,
+                                              positions=positions, dropout_rng=dropout_rng)[0]
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        if self.max_positions is not None and length > self.max_positions:
+            raise ValueError(f"prompt + new tokens = {length} exceeds the model's "
+                             f"{self.positions_field}={self.max_positions}")
+        return empty_cache(batch, length, self.kv_shapes(), jnp.dtype(self.config.options.dtype))
+
+    def decode(self, input_ids, positions, valid, cache: KVCache):
+        """Append `input_ids [B, T]` (at `positions`, `valid` = not padding) to `cache`; logits for them."""
+        masks, cache = cache_masks(cache, valid, self.windows)
+        h, (k, v), _ = self.backbone(input_ids, positions, masks, valid, Keys(None), cache)
+        return self.logits(h), finish_cache(cache, k, v, input_ids.shape[1])

@@ -33,7 +33,8 @@ from flax import nnx
 
 from jaxft.hf.table import IDENTITY, Linear, NameTable, Rule
 from jaxft.models import causal, moe, rope as rope_lib
-from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, make_layers, num_layers, residual, run_layers
+from jaxft.models.options import RunOptions
+from jaxft.models.layers import Embed, Keys, RMSNorm, activation, make_layers, num_layers, residual, run_layers
 from jaxft.models.mla import MLA
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -76,17 +77,13 @@ class DeepseekConfig:
     aux_loss_alpha: float = 0.0       # the checkpoint's balance-loss coefficient, a default for training
     num_mtp_layers: int = 0           # V3 multi-token-prediction layers stored after the last layer
     moe_impl: str = "auto"            # `jaxft.models.moe.IMPLS`
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"               # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
-    scan_layers: bool = False         # two stacks (dense first layers, MoE layers), each run by jax.lax.scan
+    options: RunOptions = RunOptions()  # dtype, param_dtype, remat, scan_layers (`jaxft.models.options`)
 
     def is_moe(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
 
     @classmethod
-    def from_hf(cls, hf, *, num_labels: int | None = None, dtype: str = "float32",
-                param_dtype: str = "float32") -> "DeepseekConfig":
+    def from_hf(cls, hf, options: RunOptions = RunOptions(), *, num_labels: int | None = None) -> "DeepseekConfig":
         """Read a `transformers` DeepseekV2Config / DeepseekV3Config; raise naming any field jaxft cannot honour."""
         mt = hf.model_type
         if mt not in MODEL_TYPES:
@@ -162,18 +159,14 @@ class DeepseekConfig:
             tie_word_embeddings=bool(hf.tie_word_embeddings), initializer_range=hf.initializer_range,
             aux_loss_alpha=float(getattr(hf, "aux_loss_alpha", 0.0) or 0.0),
             num_mtp_layers=int(getattr(hf, "num_nextn_predict_layers", 0) or 0) if mt == "deepseek_v3" else 0,
-            dtype=dtype, param_dtype=param_dtype)
-
-
-def _kw(cfg: DeepseekConfig) -> dict:
-    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+            options=options)
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DeepseekConfig, layer: int, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **_kw(cfg))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **cfg.options.kw())
         self.self_attn = MLA(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **_kw(cfg))
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **cfg.options.kw())
         self.is_moe = cfg.is_moe(layer)
         self.mlp = moe.MoE(cfg, rngs) if self.is_moe else moe.GatedMLP(cfg, cfg.intermediate_size, rngs)
 
@@ -195,15 +188,15 @@ class DeepseekModel(nnx.Module):
     scanned, `dense_layers` (the stacked first `first_k_dense_replace` layers, whose MLP differs)."""
 
     def __init__(self, cfg: DeepseekConfig, rngs: nnx.Rngs):
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **cfg.options.kw())
         k, L = cfg.first_k_dense_replace, cfg.num_hidden_layers
-        if cfg.scan_layers:
+        if cfg.options.scan_layers:
             self.dense_layers = make_layers(lambda i: DecoderLayer(cfg, i, rngs), k, True) if k else None
             self.layers = make_layers(lambda i: DecoderLayer(cfg, k + i, rngs), L - k, True) if L > k else None
         else:
             self.layers = make_layers(lambda i: DecoderLayer(cfg, i, rngs), L, False)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **_kw(cfg))
-        self.rope, self.experts, self.remat, self.k = cfg.rope, cfg.n_routed_experts, cfg.remat, k
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **cfg.options.kw())
+        self.rope, self.experts, self.remat, self.k = cfg.rope, cfg.n_routed_experts, cfg.options.remat, k
 
     def _groups(self) -> list[tuple[nnx.Module, int]]:
         """`(blocks, index of the first)` in order."""
@@ -237,50 +230,26 @@ class DeepseekModel(nnx.Module):
         return self.norm(x), (latents, rots), stats
 
 
-class DeepseekForCausalLM(nnx.Module):
+class DeepseekForCausalLM(causal.CausalLM):
     """`logits [B, T, V]` (float32) of the next token at every position; `forward_with_router_stats` also
-    returns the MoE layers' `RouterStats` for the train step."""
-
-    task = "causal-lm"
+    returns the MoE layers' `RouterStats` for the train step (head and decoding: `causal.CausalLM`)."""
 
     def __init__(self, cfg: DeepseekConfig, rngs: nnx.Rngs):
         self.config = cfg
         self.model = DeepseekModel(cfg, rngs)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Dense("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                                 use_bias=False, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+        self.init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings, cfg.initializer_range,
+                       cfg.options, rngs)
 
-    def _logits(self, h):
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+    def input_embedding(self) -> Embed:
+        return self.model.embed_tokens
 
-    def forward_with_router_stats(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
-                                  dropout_rng=None) -> tuple:
-        """`(logits [B, T, V], moe.RouterStats)`; statistics count the tokens `attention_mask` marks real."""
-        if positions is None:
-            positions = causal.default_positions(input_ids, segment_ids)
-        mask = causal.sequence_masks(input_ids, attention_mask, segment_ids, (None,))[None]
-        h, _, stats = self.model(input_ids, positions, mask, attention_mask, Keys(dropout_rng))
-        return self._logits(h), stats
-
-    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, dropout_rng=None):
-        """`attention_mask [B, T]`: 1 = token, 0 = padding; `segment_ids [B, T]`: packed document ids
-        (no attention across documents; positions restart per document unless `positions` is given)."""
-        return self.forward_with_router_stats(input_ids, attention_mask, segment_ids=segment_ids,
-                                              positions=positions, dropout_rng=dropout_rng)[0]
-
-    def init_cache(self, batch: int, length: int) -> causal.KVCache:
-        """The compressed latent cache: per layer `c [B, S, 1, kv_lora_rank]` and `k_rot [B, S, 1, qk_rope_head_dim]`."""
+    def kv_shapes(self) -> list:
+        """The compressed latent cache: per layer `c [B, S, 1, kv_lora_rank]`, `k_rot [B, S, 1, qk_rope_head_dim]`."""
         cfg = self.config
-        shape = ((1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim))
-        return causal.empty_cache(batch, length, [shape] * cfg.num_hidden_layers, jnp.dtype(cfg.dtype))
+        return [((1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim))] * cfg.num_hidden_layers
 
-    def decode(self, input_ids, positions, valid, cache: causal.KVCache):
-        """Append `input_ids [B, T]` (at `positions`, `valid` = not padding) to `cache`; logits for them."""
-        masks, cache = causal.cache_masks(cache, valid, (None,))
-        h, (c, k_rot), _ = self.model(input_ids, positions, masks[None], valid, Keys(None), cache)
-        return self._logits(h), causal.finish_cache(cache, c, k_rot, input_ids.shape[1])
+    def backbone(self, input_ids, positions, masks, token_mask, keys: Keys, cache=None):
+        return self.model(input_ids, positions, masks[None], token_mask, keys, cache)
 
 
 def name_table(cfg: DeepseekConfig, task: str) -> NameTable:
@@ -292,7 +261,7 @@ def name_table(cfg: DeepseekConfig, task: str) -> NameTable:
     (MoE) into `model.layers`, each with the layer as its leading axis.
     """
     H, k, L = "model.layers.{i}.", cfg.first_k_dense_replace, cfg.num_hidden_layers
-    if cfg.scan_layers:
+    if cfg.options.scan_layers:
         groups = [("model.dense_layers.", {"i": (0, k)}, False), ("model.layers.", {"i": (k, L)}, True)]
         groups = [g for g, n in zip(groups, (k, L - k)) if n]
     else:

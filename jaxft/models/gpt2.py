@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.hf.table import IDENTITY, Conv1D, Flatten, Linear, NameTable, Rule
 from jaxft.models import causal
+from jaxft.models.options import RunOptions
 from jaxft.models.layers import (Dense, Embed, Keys, LayerNorm, activation, attention, dropout, make_layers,
                                  residual, run_layers)
 
@@ -40,18 +40,14 @@ class GPT2Config:
     resid_pdrop: float = 0.1
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
-    scan_layers: bool = False  # stack the blocks and run them with jax.lax.scan (`layers.run_layers`)
+    options: RunOptions = RunOptions()  # dtype, param_dtype, remat, scan_layers (`jaxft.models.options`)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_hf(cls, hf, *, num_labels: int | None = None, dtype: str = "float32",
-                param_dtype: str = "float32") -> "GPT2Config":
+    def from_hf(cls, hf, options: RunOptions = RunOptions(), *, num_labels: int | None = None) -> "GPT2Config":
         """Read a `transformers` GPT2Config; raise naming any option that changes the math and we lack."""
         for name in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if getattr(hf, name, False):
@@ -65,16 +61,12 @@ class GPT2Config:
             activation_function=hf.activation_function, layer_norm_epsilon=hf.layer_norm_epsilon,
             scale_attn_weights=bool(hf.scale_attn_weights), embd_pdrop=hf.embd_pdrop, attn_pdrop=hf.attn_pdrop,
             resid_pdrop=hf.resid_pdrop, tie_word_embeddings=bool(hf.tie_word_embeddings),
-            initializer_range=hf.initializer_range, dtype=dtype, param_dtype=param_dtype)
-
-
-def _kw(cfg: GPT2Config) -> dict:
-    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+            initializer_range=hf.initializer_range, options=options)
 
 
 class GPT2Attention(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        kw, std = _kw(cfg), cfg.initializer_range
+        kw, std = cfg.options.kw(), cfg.initializer_range
         D, N, H = cfg.n_embd, cfg.n_head, cfg.head_dim
         self.c_attn = Dense("BTD,DCNH->BTCNH", (D, 3, N, H), ("embed", "qkv", "heads", "head_dim"),
                             std=std, rngs=rngs, **kw)
@@ -93,7 +85,7 @@ class GPT2Attention(nnx.Module):
 
 class GPT2MLP(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        kw, std = _kw(cfg), cfg.initializer_range
+        kw, std = cfg.options.kw(), cfg.initializer_range
         D, F = cfg.n_embd, cfg.n_inner
         self.c_fc = Dense("BTD,DF->BTF", (D, F), ("embed", "mlp"), std=std, rngs=rngs, **kw)
         self.c_proj = Dense("BTF,FD->BTD", (F, D), ("mlp", "embed"), std=std, rngs=rngs, **kw)
@@ -106,7 +98,7 @@ class GPT2MLP(nnx.Module):
 
 class GPT2Block(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        kw, D, eps = _kw(cfg), cfg.n_embd, cfg.layer_norm_epsilon
+        kw, D, eps = cfg.options.kw(), cfg.n_embd, cfg.layer_norm_epsilon
         self.ln_1 = LayerNorm(D, eps, rngs=rngs, **kw)
         self.attn = GPT2Attention(cfg, rngs)
         self.ln_2 = LayerNorm(D, eps, rngs=rngs, **kw)
@@ -120,12 +112,12 @@ class GPT2Block(nnx.Module):
 
 class GPT2Model(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        kw, std = _kw(cfg), cfg.initializer_range
+        kw, std = cfg.options.kw(), cfg.initializer_range
         self.wte = Embed(cfg.vocab_size, cfg.n_embd, std=std, rngs=rngs, **kw)
         self.wpe = Embed(cfg.n_positions, cfg.n_embd, axes=("position", "embed"), std=std, rngs=rngs, **kw)
-        self.h = make_layers(lambda i: GPT2Block(cfg, rngs), cfg.n_layer, cfg.scan_layers)
+        self.h = make_layers(lambda i: GPT2Block(cfg, rngs), cfg.n_layer, cfg.options.scan_layers)
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs=rngs, **kw)
-        self.rate, self.remat = cfg.embd_pdrop, cfg.remat
+        self.rate, self.remat = cfg.embd_pdrop, cfg.options.remat
 
     def __call__(self, input_ids, positions, mask, keys: Keys, cache: causal.KVCache | None = None):
         x = residual(dropout(self.wte(input_ids) + self.wpe(positions), self.rate, keys()))
@@ -140,50 +132,32 @@ class GPT2Model(nnx.Module):
         return self.ln_f(x), ([kv[0] for kv in kvs if kv], [kv[1] for kv in kvs if kv])
 
 
-class GPT2LMHeadModel(nnx.Module):
-    """`logits [B, T, V]` (float32) of the next token at every position."""
-
-    task = "causal-lm"
+class GPT2LMHeadModel(causal.CausalLM):
+    """`logits [B, T, V]` (float32) of the next token at every position (head and decoding: `causal.CausalLM`)."""
 
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
         self.config = cfg
         self.transformer = GPT2Model(cfg, rngs)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Dense("BTD,DV->BTV", (cfg.n_embd, cfg.vocab_size), ("embed", "vocab"),
-                                 use_bias=False, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+        self.init_head(cfg.n_embd, cfg.vocab_size, cfg.tie_word_embeddings, cfg.initializer_range, cfg.options,
+                       rngs)
+        self.max_positions, self.positions_field = cfg.n_positions, "n_positions"
 
-    def _logits(self, h):
-        if self.config.tie_word_embeddings:
-            return self.transformer.wte.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+    def input_embedding(self) -> Embed:
+        return self.transformer.wte
 
-    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, dropout_rng=None):
-        """`attention_mask [B, T]`: 1 = token, 0 = padding; `segment_ids [B, T]`: packed document ids
-        (no attention across documents; positions restart per document unless `positions` is given)."""
-        if positions is None:
-            positions = causal.default_positions(input_ids, segment_ids)
-        masks = causal.sequence_masks(input_ids, attention_mask, segment_ids, (None,))
-        h, _ = self.transformer(input_ids, positions, masks[None], Keys(dropout_rng))
-        return self._logits(h)
-
-    def init_cache(self, batch: int, length: int) -> causal.KVCache:
+    def kv_shapes(self) -> list:
         cfg = self.config
-        if length > cfg.n_positions:
-            raise ValueError(f"prompt + new tokens = {length} exceeds GPT-2's n_positions={cfg.n_positions}")
-        shape = ((cfg.n_head, cfg.head_dim),) * 2
-        return causal.empty_cache(batch, length, [shape] * cfg.n_layer, jnp.dtype(cfg.dtype))
+        return [((cfg.n_head, cfg.head_dim),) * 2] * cfg.n_layer
 
-    def decode(self, input_ids, positions, valid, cache: causal.KVCache):
-        """Append `input_ids [B, T]` (at `positions`, `valid` = not padding) to `cache`; logits for them."""
-        masks, cache = causal.cache_masks(cache, valid, (None,))
-        h, (k, v) = self.transformer(input_ids, positions, masks[None], Keys(None), cache)
-        return self._logits(h), causal.finish_cache(cache, k, v, input_ids.shape[1])
+    def backbone(self, input_ids, positions, masks, token_mask, keys: Keys, cache=None):
+        h, kv = self.transformer(input_ids, positions, masks[None], keys, cache)
+        return h, kv, None
 
 
 def name_table(cfg: GPT2Config, task: str) -> NameTable:
     """HF `GPT2LMHeadModel` names ↔ jaxft paths (the paths mirror the HF module tree; with `scan_layers`
     the layer index is the stacked leading axis, not part of the path)."""
-    H, J = "transformer.h.{i}.", "transformer.h." if cfg.scan_layers else "transformer.h.{i}."
+    H, J = "transformer.h.{i}.", "transformer.h." if cfg.options.scan_layers else "transformer.h.{i}."
     rules = [Rule("transformer.wte.weight", "transformer.wte.embedding"),
              Rule("transformer.wpe.weight", "transformer.wpe.embedding"),
              Rule("transformer.ln_f.weight", "transformer.ln_f.scale"),

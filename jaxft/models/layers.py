@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.models.lora import layer_scope
 from jaxft.parallel import constrain
 
 Array = jax.Array
@@ -74,7 +75,7 @@ def run_layers(layers: nnx.List | nnx.Module, remat: str, x: Array, call: Callab
         ys = []
         for i, layer in enumerate(layers):
             xi = None if xs is None else xs[i]
-            fn = lambda mod, h, i=i, xi=xi: call(mod, h, i, xi)  # noqa: E731
+            fn = lambda mod, h, i=i, xi=xi: _scoped(call, mod, h, i, xi)  # noqa: E731
             if remat != "none":
                 # The block only reads its state, so nothing is written back (graph_updates=False), which
                 # also lets it hold variables created outside the trace (e.g. a router bias `Buffer`).
@@ -86,7 +87,7 @@ def run_layers(layers: nnx.List | nnx.Module, remat: str, x: Array, call: Callab
 
     def body(h, inputs):
         layer_state, i, xi = inputs
-        return call(nnx.merge(graphdef, layer_state), h, i, xi)
+        return _scoped(call, nnx.merge(graphdef, layer_state), h, i, xi)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
@@ -94,6 +95,12 @@ def run_layers(layers: nnx.List | nnx.Module, remat: str, x: Array, call: Callab
     n = num_layers(layers)
     x, ys = jax.lax.scan(body, x, (state, jnp.arange(n, dtype=jnp.int32), stacked_xs))
     return x, [jax.tree.map(lambda a, i=i: a[i], ys) for i in range(n)]
+
+
+def _scoped(call: Callable, layer, h, i, xi):
+    """`call(layer, h, i, xi)` with block `i` as the adapters' layer scope (their dropout streams)."""
+    with layer_scope(i):
+        return call(layer, h, i, xi)
 
 
 def num_layers(layers: nnx.List | nnx.Module) -> int:
@@ -134,7 +141,10 @@ class Dense(nnx.Module):
 
     The kernel's shape and axes follow the einsum's second operand; the optional bias has the output's
     trailing (non-batch) dimensions. Computation runs in `dtype`, parameters are stored in `param_dtype`.
+    `lora` is a LoRA adapter (`jaxft.models.lora.LoRA`) when one is attached (`jaxft.lora.apply_lora`).
     """
+
+    lora = None
 
     def __init__(self, einsum: str, kernel_shape: Sequence[int], kernel_axes: Sequence[str], *,
                  use_bias: bool = True, std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -156,7 +166,16 @@ class Dense(nnx.Module):
         y = jnp.einsum(self.einsum, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x.astype(self.dtype))
         return y
+
+    def effective_kernel(self) -> Array:
+        """The kernel the layer applies: `W`, plus `scale·A·B` when an adapter is attached (used where a
+        layer's kernel is read directly, e.g. MLA's absorbed decoding)."""
+        if self.lora is None:
+            return self.kernel[...]
+        return (self.kernel[...].astype(jnp.float32) + self.lora.delta()).astype(self.kernel.dtype)
 
 
 class Embed(nnx.Module):

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
 from jaxft.models import causal, rope as rope_lib
+from jaxft.models.options import RunOptions
 from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, attention, make_layers, residual, run_layers
 from jaxft.parallel import constrain
 
@@ -58,17 +58,13 @@ class DecoderConfig:
     sliding_layers: tuple[bool, ...] = ()     # per layer: uses the sliding window
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"  # `jaxft.models.layers.REMAT_POLICIES`, per decoder block
-    scan_layers: bool = False  # stack the blocks and run them with jax.lax.scan (`layers.run_layers`)
+    options: RunOptions = RunOptions()  # dtype, param_dtype, remat, scan_layers (`jaxft.models.options`)
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.sliding_layers[layer] else None
 
     @classmethod
-    def from_hf(cls, hf, *, num_labels: int | None = None, dtype: str = "float32",
-                param_dtype: str = "float32") -> "DecoderConfig":
+    def from_hf(cls, hf, options: RunOptions = RunOptions(), *, num_labels: int | None = None) -> "DecoderConfig":
         """Read a `transformers` Llama/Mistral/Qwen2/Qwen3 config; raise naming any field jaxft cannot honour."""
         mt = hf.model_type
         if mt not in MODEL_TYPES:
@@ -109,18 +105,14 @@ class DecoderConfig:
             qk_norm=mt == "qwen3", tie_word_embeddings=bool(hf.tie_word_embeddings),
             sliding_window=int(window) if any(sliding) else None, sliding_layers=sliding,
             attention_dropout=float(hf.attention_dropout or 0.0), initializer_range=hf.initializer_range,
-            dtype=dtype, param_dtype=param_dtype)
-
-
-def _kw(cfg: DecoderConfig) -> dict:
-    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+            options=options)
 
 
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE; `N` query heads share `K` key/value heads."""
 
     def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
-        kw, std = _kw(cfg), cfg.initializer_range
+        kw, std = cfg.options.kw(), cfg.initializer_range
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = Dense("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"),
                             use_bias=cfg.qkv_bias, std=std, rngs=rngs, **kw)
@@ -154,7 +146,7 @@ class MLP(nnx.Module):
     """`down_proj(act(gate_proj(x)) · up_proj(x))` (SwiGLU for `silu`)."""
 
     def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
-        kw, std = _kw(cfg), cfg.initializer_range
+        kw, std = cfg.options.kw(), cfg.initializer_range
         D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = Dense("BTD,DF->BTF", (D, F), ("embed", "mlp"), use_bias=b, std=std, rngs=rngs, **kw)
         self.up_proj = Dense("BTD,DF->BTF", (D, F), ("embed", "mlp"), use_bias=b, std=std, rngs=rngs, **kw)
@@ -168,7 +160,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
-        kw = _kw(cfg)
+        kw = cfg.options.kw()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
         self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
@@ -184,11 +176,11 @@ class DecoderModel(nnx.Module):
     """Embeddings, the blocks and the final norm; returns hidden states `[B, T, D]` and per-layer K/V."""
 
     def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
-        kw = _kw(cfg)
+        kw = cfg.options.kw()
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, rngs=rngs, **kw)
-        self.layers = make_layers(lambda i: DecoderLayer(cfg, rngs), cfg.num_hidden_layers, cfg.scan_layers)
+        self.layers = make_layers(lambda i: DecoderLayer(cfg, rngs), cfg.num_hidden_layers, cfg.options.scan_layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
-        self.rope, self.remat = cfg.rope, cfg.remat
+        self.rope, self.remat = cfg.rope, cfg.options.remat
         self.windows = tuple(cfg.window(i) for i in range(cfg.num_hidden_layers))
 
     def __call__(self, input_ids, positions, masks, keys: Keys, cache: causal.KVCache | None = None):
@@ -209,52 +201,33 @@ class DecoderModel(nnx.Module):
         return self.norm(x), ([kv[0] for kv in kvs if kv], [kv[1] for kv in kvs if kv])
 
 
-class LlamaForCausalLM(nnx.Module):
-    """`logits [B, T, V]` (float32) of the next token at every position."""
-
-    task = "causal-lm"
+class LlamaForCausalLM(causal.CausalLM):
+    """`logits [B, T, V]` (float32) of the next token at every position (head and decoding: `causal.CausalLM`)."""
 
     def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
         self.config = cfg
         self.model = DecoderModel(cfg, rngs)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Dense("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                                 use_bias=False, std=cfg.initializer_range, rngs=rngs, **_kw(cfg))
+        self.init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings, cfg.initializer_range,
+                       cfg.options, rngs)
         self.windows = tuple(dict.fromkeys(cfg.window(i) for i in range(cfg.num_hidden_layers)))
 
-    def _logits(self, h):
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    def input_embedding(self) -> Embed:
+        return self.model.embed_tokens
 
-    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, dropout_rng=None):
-        """`attention_mask [B, T]`: 1 = token, 0 = padding; `segment_ids [B, T]`: packed document ids
-        (no attention across documents; positions restart per document unless `positions` is given)."""
-        if positions is None:
-            positions = causal.default_positions(input_ids, segment_ids)
-        masks = causal.sequence_masks(input_ids, attention_mask, segment_ids, self.windows)
-        h, _ = self.model(input_ids, positions, masks, Keys(dropout_rng))
-        return self._logits(h)
-
-    def init_cache(self, batch: int, length: int) -> causal.KVCache:
+    def kv_shapes(self) -> list:
         cfg = self.config
-        shape = ((cfg.num_key_value_heads, cfg.head_dim),) * 2
-        return causal.empty_cache(batch, length, [shape] * cfg.num_hidden_layers, jnp.dtype(cfg.dtype))
+        return [((cfg.num_key_value_heads, cfg.head_dim),) * 2] * cfg.num_hidden_layers
 
-    def decode(self, input_ids, positions, valid, cache: causal.KVCache):
-        """Append `input_ids [B, T]` (at `positions`, `valid` = not padding) to `cache`; logits for them."""
-        masks, cache = causal.cache_masks(cache, valid, self.windows)
-        h, (k, v) = self.model(input_ids, positions, masks, Keys(None), cache)
-        return self._logits(h), causal.finish_cache(cache, k, v, input_ids.shape[1])
+    def backbone(self, input_ids, positions, masks, token_mask, keys: Keys, cache=None):
+        h, kv = self.model(input_ids, positions, masks, keys, cache)
+        return h, kv, None
 
 
 def name_table(cfg: DecoderConfig, task: str) -> NameTable:
     """HF `*ForCausalLM` names ↔ jaxft paths (the paths mirror the HF module tree). With
     `scan_layers` the layer index leaves the path and becomes the stacked leading axis."""
     H = "model.layers.{i}."
-    P = "model.layers." if cfg.scan_layers else H
+    P = "model.layers." if cfg.options.scan_layers else H
     rules = [Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
              Rule("model.norm.weight", "model.norm.scale"),
              Rule(H + "input_layernorm.weight", P + "input_layernorm.scale"),

@@ -50,7 +50,7 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, scale: float, rate: float
 
 class MLA(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
-        kw = dict(std=cfg.initializer_range, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        kw = dict(std=cfg.initializer_range, dtype=jnp.dtype(cfg.options.dtype), param_dtype=jnp.dtype(cfg.options.param_dtype),
                   rngs=rngs)
         D, N, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
         P, O, V = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -95,7 +95,7 @@ class MLA(nnx.Module):
                           self.rate, keys())
             return self.o_proj(out), (c, k_rot)
         c, k_rot = causal.write(kv[0], c, index), causal.write(kv[1], k_rot, index)         # [B, S, 1, ·]
-        w = self.kv_b_proj.kernel[...].astype(q.dtype)                                      # [R, N, P+V]
+        w = self.kv_b_proj.effective_kernel().astype(q.dtype)                                      # [R, N, P+V]
         q_lat = jnp.einsum("BTNP,RNP->BTNR", q_nope, w[..., :self.P])
         out_lat = _attend(jnp.concatenate([q_lat, q_rot], -1), jnp.concatenate([c, k_rot], -1), c, mask,
                           self.scale, self.rate, keys())

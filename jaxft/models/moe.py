@@ -78,8 +78,8 @@ class GatedMLP(nnx.Module):
     """`down_proj(act(gate_proj(x)) · up_proj(x))`: the dense layers' MLP and the shared experts."""
 
     def __init__(self, cfg, width: int, rngs: nnx.Rngs):
-        kw = dict(use_bias=cfg.mlp_bias, std=cfg.initializer_range, dtype=jnp.dtype(cfg.dtype),
-                  param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        kw = dict(use_bias=cfg.mlp_bias, std=cfg.initializer_range, dtype=jnp.dtype(cfg.options.dtype),
+                  param_dtype=jnp.dtype(cfg.options.param_dtype), rngs=rngs)
         D = cfg.hidden_size
         self.gate_proj = Dense("BTD,DF->BTF", (D, width), ("embed", "mlp"), **kw)
         self.up_proj = Dense("BTD,DF->BTF", (D, width), ("embed", "mlp"), **kw)
@@ -140,7 +140,7 @@ class Experts(nnx.Module):
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-        std, pd = cfg.initializer_range, jnp.dtype(cfg.param_dtype)
+        std, pd = cfg.initializer_range, jnp.dtype(cfg.options.param_dtype)
         self.gate_proj = Stacked((E, D, F), ("embed", "mlp"), std, pd, rngs)
         self.up_proj = Stacked((E, D, F), ("embed", "mlp"), std, pd, rngs)
         self.down_proj = Stacked((E, F, D), ("mlp", "embed"), std, pd, rngs)
@@ -301,7 +301,7 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, rngs)
         self.shared_experts = GatedMLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs)
         self.act = activation(cfg.hidden_act)
-        self.dtype, self.impl = jnp.dtype(cfg.dtype), cfg.moe_impl
+        self.dtype, self.impl = jnp.dtype(cfg.options.dtype), cfg.moe_impl
 
     def __call__(self, x: Array, mask: Array | None = None, impl: str | None = None):
         B, T, D = x.shape

@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 from jaxft import parallel
 from jaxft.config import Config, ConfigError, save_config
 from jaxft.data.batches import Position, to_device
-from jaxft.hf.load import load_model, read_hf_config, resolve
-from jaxft.models.moe import is_router_param
+from jaxft.hf.load import read_hf_config, resolve
 from jaxft.optim import make_optimizer
 from jaxft.plan import preflight
 from jaxft.train.faults import Diverged, Preempted, PreemptionGuard, SpikeDetector, config_changes
 from jaxft.train.logger import RunLogger
+from jaxft.train.model import base_record, check_base, load_run_model
 from jaxft.train.run import checkpoints_of, claim_run_dir, setup_logging, start_run_log
 from jaxft.train.step import Functional, init_state, make_eval_step, make_train_step
 from jaxft.train.tasks import make_task, param_count
@@ -116,18 +116,18 @@ class Trainer:
 
         self.batches = self.task.splits["train"]
         self.total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(self.batches)))
-        model = load_model(model_dir, cfg.model.task, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                           mesh=self.mesh, seed=cfg.train.seed, remat=cfg.model.remat,
-                           scan_layers=cfg.model.scan_layers, **self.task.model_kwargs)
-        self.fn = Functional(model)
-        frozen = is_router_param if cfg.model.moe.freeze_router else None
-        tx, lr = make_optimizer(cfg.optim, self.total, frozen)
+        run_model = load_run_model(cfg, model_dir, self.mesh, **self.task.model_kwargs)
+        self.adapters = run_model.adapters
+        self.base = base_record(cfg, model_dir)  # what a LoRA checkpoint was trained on
+        self.fn = Functional(run_model.model, run_model.trainable)
+        tx, lr = make_optimizer(cfg.optim, self.total)
         self.state = init_state(self.fn, tx, cfg.train.seed)
         self.metric, mode = cfg.early_stopping()
         patience = cfg.train.early_stopping.patience
         self.stopper = EarlyStopper(self.metric, mode, patience)
         if resume is not None:
             target = {"params": self.state["params"], "train": {k: v for k, v in self.state.items() if k != "params"}}
+            check_base(self.ckpts.meta(resume).get("base"), cfg, model_dir)
             restored, meta = self.ckpts.restore(resume, target)
             self.state = {"params": restored["params"], **restored["train"]}
             self.batches.position = Position(**meta["data"])
@@ -164,7 +164,7 @@ class Trainer:
 
     def checkpoint(self, metrics: dict | None) -> None:
         meta = {"data": self.batches.position.to_json(), "metrics": metrics, "total_steps": self.total,
-                "early_stopping": self.stopper.to_json(), "config": self.cfg.to_dict()}
+                "early_stopping": self.stopper.to_json(), "config": self.cfg.to_dict(), "base": self.base}
         self.ckpts.save(self.step, self.state, meta, metrics)
 
     def log_window(self, pending: list, ids: list, seen: int, t0: float) -> None:
@@ -197,8 +197,10 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, total = self.cfg, self.total
-        log.info("training %d steps (%.2f epochs of %d batches), %d parameters", total - self.step,
-                 (total - self.step) / len(self.batches), len(self.batches), param_count(self.fn.params))
+        trained, frozen = param_count(self.fn.params), param_count(self.fn.frozen)
+        log.info("training %d steps (%.2f epochs of %d batches), %d trainable parameters%s", total - self.step,
+                 (total - self.step) / len(self.batches), len(self.batches), trained,
+                 f" ({trained / (trained + frozen):.2%} of {trained + frozen})" if frozen else "")
         guard, poison = PreemptionGuard(), _fault_steps()
         batch_log = open(self.run_dir / "batches.jsonl", "a") if cfg.train.log_batches and \
             jax.process_index() == 0 else None

@@ -17,7 +17,9 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -231,7 +233,23 @@ def checkpoints_of(run_dir: Path, cfg: Config, read_only: bool = False) -> Check
 
 def restore_model(run_dir: str | Path, cfg: Config | None = None, mesh=None, step: int | None = None):
     """`(model, label_map, step)` with the parameters of the best (else latest) checkpoint of a run."""
-    from jaxft.hf.load import load_model
+    r = restore_run(run_dir, cfg, mesh, step)
+    return r.model, r.labels, r.step
+
+
+@dataclass
+class Restored:
+    model: Any                 # the trained model (a LoRA run's with its adapters attached)
+    labels: LabelMap | None
+    step: int
+    adapters: Any = None       # `jaxft.lora.Adapters` of a LoRA run
+
+
+def restore_run(run_dir: str | Path, cfg: Config | None = None, mesh=None, step: int | None = None) -> Restored:
+    """A run's trained model from its best (else latest) checkpoint: the base from `model.name_or_path`
+    (checked against the base a LoRA run recorded), the run's adapters, and the checkpoint's parameters."""
+    from jaxft.hf.load import resolve
+    from jaxft.train.model import check_base, load_run_model
     from jaxft.train.step import Functional
 
     run_dir = Path(run_dir)
@@ -242,11 +260,11 @@ def restore_model(run_dir: str | Path, cfg: Config | None = None, mesh=None, ste
         if step is None:
             raise FileNotFoundError(f"run {run_dir} has no checkpoint yet")
         labels = read_labels(run_dir)
-        model = load_model(cfg.model.name_or_path, cfg.model.task,
-                           num_labels=len(labels) if labels else cfg.model.num_labels,
-                           dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh,
-                           seed=cfg.train.seed, scan_layers=cfg.model.scan_layers)
-        fn = Functional(model)
+        model_dir = resolve(cfg.model.name_or_path)
+        check_base(ckpts.meta(step).get("base"), cfg, model_dir)
+        run_model = load_run_model(cfg, model_dir, mesh, num_labels=len(labels) if labels else cfg.model.num_labels)
+        model = run_model.model
+        fn = Functional(model, run_model.trainable)
         restored, _ = ckpts.restore(step, {"params": fn.params})
         trained = fn.module(restored["params"])
         trained.hf_config = dict(model.hf_config)
@@ -254,6 +272,6 @@ def restore_model(run_dir: str | Path, cfg: Config | None = None, mesh=None, ste
             trained.hf_config["id2label"] = {str(k): v for k, v in labels.id2label.items()}
             trained.hf_config["label2id"] = {v: k for k, v in labels.id2label.items()}
         log.info("restored step %d of %s", step, run_dir)
-        return trained, labels, step
+        return Restored(trained, labels, step, run_model.adapters)
     finally:
         ckpts.close()

@@ -28,25 +28,39 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxft import parallel
+from jaxft.models.lora import adapter_dropout
 
 
 class Functional:
-    """An NNX module split into a static graph and a flat `{path: array}` parameter dict.
+    """An NNX module split into a static graph, its trainable parameters and its frozen ones, each a flat
+    `{path: array}` dict.
+
+    What trains is decided by variable type through the NNX filter `trainable` (default: every
+    `nnx.Param`; with LoRA the adapters' `LoRAParam`s and a trained head, see `jaxft.lora`); every other
+    `nnx.Param` is frozen. The train step differentiates with respect to `params` only, so a frozen base
+    gets no gradient, no optimizer state and is never donated: it is passed to the jitted steps as an
+    argument of its own (`frozen`), not closed over (which would embed it in the program as a constant).
+    Buffers (non-`Param` variables, e.g. DeepSeek-V3's router bias) stay in `rest`.
 
     `mesh` is the mesh the parameters are placed on (None for unsharded ones).
     """
 
-    def __init__(self, model: nnx.Module):
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
-        flat = nnx.to_flat_state(params)
-        self.paths = {".".join(map(str, p)): p for p, _ in flat}
-        self.params = {".".join(map(str, p)): v.get_value() for p, v in flat}
-        self.axes = {".".join(map(str, p)): v.get_metadata().get("logical_axes") for p, v in flat}
-        self.mesh = parallel.mesh_of(self.params)
+    def __init__(self, model: nnx.Module, trainable=nnx.Param):
+        self.graphdef, params, frozen, self.rest = nnx.split(model, trainable, nnx.Param, ...)
+        self.paths, self.params, self.axes = {}, {}, {}
+        self.frozen: dict[str, jax.Array] = {}
+        for state, out in ((params, self.params), (frozen, self.frozen)):
+            for p, v in nnx.to_flat_state(state):
+                key = ".".join(map(str, p))
+                self.paths[key] = p
+                out[key] = v.get_value()
+                self.axes[key] = v.get_metadata().get("logical_axes")
+        self.mesh = parallel.mesh_of({**self.params, **self.frozen})
 
-    def module(self, params: dict[str, jax.Array]) -> nnx.Module:
+    def module(self, params: dict[str, jax.Array], frozen: dict[str, jax.Array] | None = None) -> nnx.Module:
+        """The module with these trainable parameters (and frozen ones, default: the model's own)."""
         nested: dict = {}
-        for key, value in params.items():
+        for key, value in {**(self.frozen if frozen is None else frozen), **params}.items():
             node = nested
             *head, last = self.paths[key]
             for part in head:
@@ -101,29 +115,30 @@ def _constrain_batch(batch: dict) -> dict:
 
 def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransformation,
                     lr: optax.Schedule, grad_accum: int = 1) -> Callable:
-    def loss_and_grad(params, batch, key):
+    def loss_and_grad(params, frozen, batch, key):
         def f(p):
-            loss_sum, aux = loss_fn(fn.module(p), batch, key)
+            with adapter_dropout(key):  # LoRA dropout (training only; evaluation passes no key)
+                loss_sum, aux = loss_fn(fn.module(p, frozen), batch, key)
             return loss_sum, {k: v for k, v in aux.items() if k != "logits"}  # sums only, no per-example outputs
         return jax.value_and_grad(f, has_aux=True)(params)
 
-    def step(state, batch):
+    def step(state, batch, frozen):
         with parallel.activate(fn.mesh):
-            return _step(state, batch)
+            return _step(state, batch, frozen)
 
-    def _step(state, batch):
+    def _step(state, batch, frozen):
         params = state["params"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if grad_accum == 1:
-            (loss_sum, aux), grads = loss_and_grad(params, batch, key)
+            (loss_sum, aux), grads = loss_and_grad(params, frozen, batch, key)
         else:
             def body(carry, xs):
                 i, micro = xs
-                (l, a), g = loss_and_grad(params, _constrain_batch(micro), jax.random.fold_in(key, i))
+                (l, a), g = loss_and_grad(params, frozen, _constrain_batch(micro), jax.random.fold_in(key, i))
                 return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
             micros = _split_micro(batch, grad_accum)
-            (l0, a0), g0 = jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micros), key)
+            (l0, a0), g0 = jax.eval_shape(loss_and_grad, params, frozen, jax.tree.map(lambda x: x[0], micros), key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
             (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micros))
         weight = jnp.maximum(aux["weight"], 1.0)
@@ -145,18 +160,31 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
         return new_state, metrics
 
     shardings = state_shardings(fn, tx)
+    # The train state is donated (updated in place); the frozen parameters are read, never donated.
     if shardings is None:
-        return jax.jit(step, donate_argnums=0)
-    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+        jitted = jax.jit(step, donate_argnums=0)
+    else:
+        jitted = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+    return _with_frozen(jitted, fn)
 
 
 def make_eval_step(fn: Functional, loss_fn: Callable) -> Callable:
     """`(params, batch) -> (loss_sum, aux)`, deterministic (no dropout)."""
-    def step(params, batch):
+    def step(params, batch, frozen):
         with parallel.activate(fn.mesh):
-            return loss_fn(fn.module(params), batch, None)
+            return loss_fn(fn.module(params, frozen), batch, None)
 
-    return jax.jit(step)
+    return _with_frozen(jax.jit(step), fn)
+
+
+def _with_frozen(jitted: Callable, fn: Functional) -> Callable:
+    """`f(a, batch)` calling `jitted(a, batch, fn.frozen)`; `.jitted` and `.lower` reach the jitted one."""
+    def call(a, batch):
+        return jitted(a, batch, fn.frozen)
+
+    call.jitted = jitted
+    call.lower = lambda a, batch: jitted.lower(a, batch, fn.frozen)
+    return call
 
 
 def init_state(fn: Functional, tx: optax.GradientTransformation, seed: int) -> dict:

@@ -1,0 +1,291 @@
+"""LoRA on a loaded model: which layers get adapters, what trains, merging, and `peft` adapter export.
+
+    model = jaxft.load_model(...)                    # the frozen base, already placed (and sharded)
+    adapters = apply_lora(model, LoraSpec(rank=8, alpha=16), mesh=mesh)
+    fn = Functional(model, adapters.trainable)       # gradients and optimizer state for adapters (+ head)
+
+Targets are chosen by Hugging Face module name, so a regex written for `peft` means the same here:
+`targets` matches the end of a module name at a dot boundary (`q_proj|v_proj` hits
+`model.layers.3.self_attn.q_proj`), and `all-linear` means every linear layer of the model except the
+output head (`lm_head`, `classifier`), as peft's `all-linear`. A module's HF name comes from the family's
+name table (the rule of its kernel), which also gives the layout peft stores its adapter in. Routed MoE
+experts are not linear layers in `transformers` (fused expert tensors) and are never targeted.
+
+`train_modules` (peft's `modules_to_save`) names modules trained in full next to the adapters: by default
+the classification head of a sequence-classification model, since a new head must learn.
+
+The adapter layer itself lives in `jaxft.models.lora`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxft import parallel
+from jaxft.hf.table import Conv1D, _fill
+from jaxft.models import get_family
+from jaxft.models.layers import Dense
+from jaxft.models.lora import LoRA, LoRAParam
+
+log = logging.getLogger("jaxft")
+
+HEADS = ("lm_head", "classifier", "score")        # output layers `all-linear` leaves alone, as peft does
+DEFAULT_TRAIN_MODULES = {"sequence-classification": "classifier", "causal-lm": None}
+PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+# model types whose MLP projection names peft (0.21) maps onto fused expert parameters when loading
+PEFT_MOE_REMAPPED = ("deepseek_v2", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "all-linear"
+    rslora: bool = False
+    train_modules: str | None = "default"   # regex over HF module names trained in full; "default": per task
+
+
+@dataclass
+class Target:
+    """One adapted `Dense`: its jaxft module path and the HF module name of each of its (stacked) slices."""
+
+    path: str
+    hf_names: list[str]
+    conv1d: bool
+
+
+@dataclass
+class Adapters:
+    spec: LoraSpec
+    task: str
+    targets: list[Target]
+    train_paths: set[str] = field(default_factory=set)   # parameters of `train_modules` (trained in full)
+    train_modules: list[str] = field(default_factory=list)
+
+    def trainable(self, path, variable) -> bool:
+        """NNX filter: the adapters, and the parameters of the modules trained in full."""
+        if isinstance(variable, LoRAParam):
+            return True
+        return isinstance(variable, nnx.Param) and ".".join(map(str, path)) in self.train_paths
+
+
+def _matches(pattern: re.Pattern | None, name: str) -> bool:
+    if pattern is None:
+        return name.rsplit(".", 1)[-1] not in HEADS
+    return pattern.search(name) is not None
+
+
+def _suffix_regex(expr: str, key: str) -> re.Pattern:
+    try:
+        return re.compile(rf"(?:^|\.)(?:{expr})$")
+    except re.error as e:
+        raise ValueError(f"{key}={expr!r} is not a valid regular expression: {e}") from None
+
+
+def _hf_names(rule, idx: dict, shape: tuple[int, ...]) -> list[str]:
+    """The HF module names of a kernel's slices: one, or one per index of its stacked axes."""
+    module = _fill(rule.hf, idx)
+    if not module.endswith(".weight"):
+        return []
+    module = module[: -len(".weight")]
+    if not rule.stacked:
+        return [module]
+    (axis,) = rule.stacked  # a scanned layer stack; experts are not Dense layers
+    return [_fill(module, {axis: str(j + rule.offset(axis))}) for j in range(shape[0])]
+
+
+def apply_lora(model: nnx.Module, spec: LoraSpec, *, mesh=None, seed: int = 0) -> Adapters:
+    """Attach LoRA adapters to the targeted `Dense` layers of `model` (in place) and say what trains.
+
+    Raises naming the setting when `targets` matches nothing, or only some layers of a scanned stack.
+    """
+    if spec.rank < 1:
+        raise ValueError(f"model.lora.rank={spec.rank} must be at least 1")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise ValueError(f"model.lora.dropout={spec.dropout} must be in [0, 1)")
+    family = get_family(model.hf_config["model_type"], model.task)
+    table = family.name_table(model.config, model.task)
+    pattern = None if spec.targets == "all-linear" else _suffix_regex(spec.targets, "model.lora.targets")
+    train = spec.train_modules
+    if train == "default":
+        train = DEFAULT_TRAIN_MODULES[model.task]
+    train_rx = _suffix_regex(train, "model.lora.train_modules") if train else None
+
+    key = jax.random.key(seed)
+    targets, train_paths, train_modules = [], set(), set()
+    for path, module in nnx.iter_modules(model):
+        if not isinstance(module, Dense):
+            continue
+        dotted = ".".join(map(str, path))
+        kernel = module.kernel
+        rule, idx = table.rule_for_path(dotted + ".kernel")
+        names = _hf_names(rule, idx, kernel.shape)
+        if not names:
+            continue
+        if train_rx is not None and all(train_rx.search(n) for n in names):
+            train_paths.update(f"{dotted}.{p}" for p in ("kernel", "bias") if getattr(module, p) is not None)
+            train_modules.update(names)
+            continue
+        hits = [_matches(pattern, n) for n in names]
+        if not any(hits):
+            continue
+        if not all(hits):
+            raise ValueError(f"model.lora.targets={spec.targets!r} matches only some layers of the scanned stack "
+                             f"{dotted} ({sum(hits)} of {len(hits)}); target whole stacks or set "
+                             f"model.scan_layers=false")
+        stacked = kernel.shape[0] if rule.stacked else None
+        n = len(rule.stacked)
+        axes = tuple(kernel.get_metadata()["logical_axes"])
+        adapter_id = zlib.crc32(rule.hf.encode())
+        build = lambda: LoRA(module.einsum, tuple(kernel.shape[n:]), axes[n:], spec.rank, spec.alpha,  # noqa: E731
+                             rslora=spec.rslora, dropout=spec.dropout, adapter_id=adapter_id, stacked=stacked,
+                             dtype=module.dtype, param_dtype=kernel.dtype,
+                             key=jax.random.fold_in(key, zlib.crc32(dotted.encode())))
+        if isinstance(kernel.get_value(), jax.ShapeDtypeStruct):
+            lora = nnx.eval_shape(build)  # an abstract model (the planner): shapes only
+        else:
+            lora = build()
+            for var in (lora.a, lora.b):
+                var.set_value(parallel.place(np.asarray(var.get_value()), var.get_metadata()["logical_axes"],
+                                             mesh))
+        module.lora = lora
+        targets.append(Target(dotted, names, isinstance(rule.transform, Conv1D)))
+    if not targets:
+        raise ValueError(f"model.lora.targets={spec.targets!r} matches no linear layer of this "
+                         f"{model.hf_config['model_type']} model")
+    if train_rx is not None and not train_paths:
+        raise ValueError(f"model.lora.train_modules={train!r} matches no linear layer of this model")
+    log.info("LoRA rank %d on %d linear layer(s) (%d module(s)); trained in full: %s", spec.rank, len(targets),
+             sum(len(t.hf_names) for t in targets), ", ".join(sorted(train_modules)) or "nothing")
+    return Adapters(spec, model.task, targets, train_paths, sorted(train_modules))
+
+
+def _module_at(model: nnx.Module, path: str) -> nnx.Module:
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def merge(model: nnx.Module, adapters: Adapters) -> nnx.Module:
+    """Fold every adapter into its base kernel (`W + scale·A·B`, computed in float32, stored in the
+    kernel's dtype) and detach it, in place: the model is then a plain model of its family, which
+    `jaxft.save_pretrained` exports as a full Hugging Face checkpoint."""
+    for t in adapters.targets:
+        dense = _module_at(model, t.path)
+        dense.kernel.set_value(dense.effective_kernel())
+        dense.lora = None
+    return model
+
+
+def adapter_tensors(model: nnx.Module, adapters: Adapters) -> dict[str, np.ndarray]:
+    """The adapter as `peft` stores it: `base_model.model.<module>.lora_A.weight [r, in]` and
+    `.lora_B.weight [out, r]` per targeted module (a Conv1D module too: peft keeps Linear-shaped adapters
+    and sets `fan_in_fan_out`), plus the `train_modules` weights under their HF names."""
+    from jaxft.hf.export import to_host
+    from jaxft.hf.load import flat_params
+
+    family = get_family(model.hf_config["model_type"], model.task)
+    table = family.name_table(model.config, model.task)
+    out = {}
+    for t in adapters.targets:
+        lora = _module_at(model, t.path).lora
+        a, b = to_host(lora.a.get_value()), to_host(lora.b.get_value())
+        if a.ndim == len(lora.delta_einsum.split(",")[0]):  # not a stack: one module
+            a, b = a[None], b[None]
+        r = a.shape[-1]
+        for j, name in enumerate(t.hf_names):
+            out[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a[j].reshape(-1, r).T)
+            out[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b[j].reshape(r, -1).T)
+    params = flat_params(model)
+    for path in sorted(adapters.train_paths):
+        for name, tensor in table.export({path: to_host(params[path].get_value())}).items():
+            out[f"base_model.model.{name}"] = tensor
+    return out
+
+
+def save_adapter(model: nnx.Module, adapters: Adapters, out_dir: str | os.PathLike,
+                 base_model_name_or_path: str, tokenizer=None) -> Path:
+    """Write a `peft` adapter folder (`adapter_config.json` + `adapter_model.safetensors`) that
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads onto the base model."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    mt = model.hf_config["model_type"]
+    misrouted = sorted(n for t in adapters.targets for n in t.hf_names
+                       if mt in PEFT_MOE_REMAPPED and n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"))
+    if misrouted:
+        raise ValueError(
+            f"cannot write a peft adapter for {len(misrouted)} MLP module(s) of this {mt} model (e.g. "
+            f"{misrouted[0]}): peft's loader for transformers-5 MoE models re-targets every *gate_proj / up_proj / "
+            f"down_proj at the fused routed experts, so the adapter would be silently misapplied. Export the "
+            f"merged model (without --adapter), or train with model.lora.targets limited to attention "
+            f"(e.g. 'self_attn\\..*')")
+    tensors = adapter_tensors(model, adapters)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    spec = adapters.spec
+    targets = sorted(n for t in adapters.targets for n in t.hf_names)
+    config = {
+        "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[adapters.task], "r": spec.rank,
+        "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
+        "target_modules": targets, "modules_to_save": adapters.train_modules or None,
+        "fan_in_fan_out": any(t.conv1d for t in adapters.targets), "bias": "none",
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "init_lora_weights": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def trainable_count(fn) -> tuple[int, int]:
+    """`(trainable, total)` parameter counts of a `Functional`."""
+    count = lambda d: sum(int(np.prod(v.shape)) for v in d.values())  # noqa: E731
+    return count(fn.params), count(fn.params) + count(fn.frozen)
+
+
+def base_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over the weight files of a model folder (names and contents), to recognise the base a LoRA
+    run was trained on. Cached per (file, size, mtime) under jaxft's cache directory."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    cache_path = Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache" / "jaxft")) / "fingerprints.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in cache:
+            fh = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    fh.update(chunk)
+            cache[key] = fh.hexdigest()
+        h.update(p.name.encode() + b"\0" + cache[key].encode() + b"\0")
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_path)
+    except OSError:
+        pass
+    return h.hexdigest()
+

@@ -1,0 +1,120 @@
+"""LoRA adapters on `Dense` layers (Hu et al. 2021, as `peft` implements them).
+
+A targeted `Dense` with kernel `W` (einsum `'BTD,DNH->BTNH'`, say) gets two small matrices, `A` over its
+input dimensions and `B` over its output dimensions, joined by a rank axis `r`:
+
+    y = x·W + scale · (dropout(x)·A)·B        A: [D, r]  (in dims + r)     B: [r, N, H]  (r + out dims)
+    scale = alpha / r          (alpha / √r with rslora)
+
+`A` starts uniform in ±1/√fan_in (peft's kaiming-uniform with a = √5) and `B` at zero, so a fresh adapter
+changes nothing: the logits at step 0 are the base model's exactly. The adapters are `LoRAParam`s, an
+`nnx.Param` subclass: the trainer selects them by type (`jaxft.lora.trainable_filter`), and Hugging Face
+name tables skip them (they are jaxft-only; `jaxft.lora` writes them as a `peft` adapter instead).
+
+Shardings: `A` keeps the base kernel's input axes and `B` its output axes (a scanned stack's `layers`
+axis leads both); the rank axis `lora_rank` is never sharded. So an FSDP-sharded `embed` input stays
+sharded in `A`, a tensor-sharded `heads` output stays sharded in `B`, and neither ever takes the base
+weight's whole spec.
+
+Dropout on the adapter input is active only when the train step provides a key (`adapter_dropout`);
+each adapter draws its own mask from (step key, layer index, adapter id), so looped and scanned layers
+draw the same masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+_KEY = contextvars.ContextVar("jaxft_adapter_dropout_key", default=None)
+_LAYER = contextvars.ContextVar("jaxft_adapter_layer", default=None)
+_STREAM = 0x10A4  # separates adapter dropout from the model's own dropout draws
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA adapter matrix: trainable, and absent from Hugging Face checkpoints."""
+
+
+@contextlib.contextmanager
+def adapter_dropout(key: Array | None):
+    """Adapters called inside draw their dropout masks from `key` (None: no dropout, as in evaluation)."""
+    token = _KEY.set(key)
+    try:
+        yield
+    finally:
+        _KEY.reset(token)
+
+
+@contextlib.contextmanager
+def layer_scope(index):
+    """Calls inside belong to block `index` (a Python int, or a traced one inside a scan)."""
+    token = _LAYER.set(index)
+    try:
+        yield
+    finally:
+        _LAYER.reset(token)
+
+
+def split_einsum(einsum: str) -> tuple[str, str, str, str, str]:
+    """`'BTD,DNH->BTNH'` → `(lhs 'BTD', kernel 'DNH', out 'BTNH', in dims 'D', out dims 'NH')`."""
+    inputs, out = einsum.split("->")
+    lhs, rhs = inputs.split(",")
+    return lhs, rhs, out, "".join(c for c in rhs if c in lhs), "".join(c for c in rhs if c not in lhs)
+
+
+class LoRA(nnx.Module):
+    """The adapter of one `Dense`: `scale · (dropout(x)·A)·B`, computed in the layer's dtype."""
+
+    def __init__(self, einsum: str, kernel_shape, kernel_axes, rank: int, alpha: float, *, rslora: bool = False,
+                 dropout: float = 0.0, adapter_id: int = 0, stacked: int | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, key: Array):
+        lhs, rhs, out, ins, outs = split_einsum(einsum)
+        shape = dict(zip(rhs, kernel_shape))
+        axes = dict(zip(rhs, kernel_axes))
+        fan_in = math.prod(shape[c] for c in ins)
+        lead, lead_axes = ((stacked,), ("layers",)) if stacked else ((), ())
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(key, lead + tuple(shape[c] for c in ins) + (rank,), jnp.float32, -bound, bound)
+        self.a = LoRAParam(a.astype(param_dtype), logical_axes=lead_axes + tuple(axes[c] for c in ins) + ("lora_rank",))
+        self.b = LoRAParam(jnp.zeros(lead + (rank,) + tuple(shape[c] for c in outs), param_dtype),
+                           logical_axes=lead_axes + ("lora_rank",) + tuple(axes[c] for c in outs))
+        batch = "".join(c for c in lhs if c not in rhs)
+        self.down = f"{lhs},{ins}r->{batch}r"
+        self.up = f"{batch}r,r{outs}->{out}"
+        self.delta_einsum = f"{ins}r,r{outs}->{rhs}"
+        self.scale = alpha / (math.sqrt(rank) if rslora else rank)
+        self.rate, self.id, self.dtype = float(dropout), int(adapter_id), dtype
+
+    def _dropout_key(self) -> Array | None:
+        key = _KEY.get()
+        if key is None or self.rate == 0.0:
+            return None
+        layer = _LAYER.get()
+        key = jax.random.fold_in(jax.random.fold_in(key, _STREAM), -1 if layer is None else layer)
+        return jax.random.fold_in(key, self.id)
+
+    def __call__(self, x: Array) -> Array:
+        key = self._dropout_key()
+        if key is not None:
+            keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+        h = jnp.einsum(self.down, x, self.a[...].astype(self.dtype))
+        return jnp.einsum(self.up, h, self.b[...].astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)
+
+    def delta(self, a: Array | None = None, b: Array | None = None) -> Array:
+        """`scale · A·B` in the base kernel's layout, float32 (a stacked adapter: one per layer)."""
+        a = (self.a[...] if a is None else a).astype(jnp.float32)
+        b = (self.b[...] if b is None else b).astype(jnp.float32)
+        eq = self.delta_einsum
+        if a.ndim > len(eq.split(",")[0]):  # a leading `layers` axis
+            ins, rest = eq.split(",")
+            outs, kernel = rest.split("->")
+            eq = f"l{ins},l{outs}->l{kernel}"
+        return jnp.einsum(eq, a, b) * self.scale

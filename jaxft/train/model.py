@@ -1,0 +1,96 @@
+"""The model a run trains: the base loaded from `model.name_or_path`, LoRA adapters when asked, and the
+filter that says which of its variables train (everything else is frozen: no gradient, no optimizer state).
+
+Training, evaluation, export and generation from a run directory all build it here, so they agree on
+what the checkpoint's `params` are: every parameter for full fine-tuning, the adapters (and a head
+trained in full) for LoRA. A LoRA checkpoint holds no base weights; it records which base it was trained
+on (`base_record`), and a changed base is refused naming both.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from jaxft.config import Config, ConfigError
+from jaxft.lora import Adapters, LoraSpec, apply_lora, base_fingerprint
+from jaxft.models.moe import is_router_param
+
+log = logging.getLogger("jaxft")
+
+
+@dataclass
+class RunModel:
+    model: nnx.Module
+    trainable: Any                     # an NNX filter
+    adapters: Adapters | None = None
+
+
+def lora_spec(cfg: Config) -> LoraSpec | None:
+    lo = cfg.model.lora
+    if lo.rank is None:
+        return None
+    return LoraSpec(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets, rslora=lo.rslora,
+                    train_modules=lo.train_modules)
+
+
+def trainable_filter(cfg: Config, adapters: Adapters | None):
+    """What trains: LoRA's adapters (+ `train_modules`), else every `nnx.Param` but a frozen router."""
+    if adapters is not None:
+        if cfg.model.moe.freeze_router:
+            return lambda path, v: adapters.trainable(path, v) and not is_router_param(_dotted(path))
+        return adapters.trainable
+    if cfg.model.moe.freeze_router:
+        return lambda path, v: isinstance(v, nnx.Param) and not is_router_param(_dotted(path))
+    return nnx.Param
+
+
+def _dotted(path) -> str:
+    return ".".join(map(str, path))
+
+
+def with_adapters(model: nnx.Module, cfg: Config, mesh=None) -> RunModel:
+    """`model` (loaded or abstract) with the run's adapters attached, and its trainable filter."""
+    spec = lora_spec(cfg)
+    adapters = None
+    if spec is not None:
+        try:
+            adapters = apply_lora(model, spec, mesh=mesh, seed=cfg.train.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return RunModel(model, trainable_filter(cfg, adapters), adapters)
+
+
+def load_run_model(cfg: Config, model_dir: str | Path, mesh=None, num_labels: int | None = None) -> RunModel:
+    from jaxft.hf.load import load_model
+
+    m = cfg.model
+    model = load_model(model_dir, m.task, num_labels=num_labels, dtype=m.dtype, param_dtype=m.param_dtype,
+                       mesh=mesh, seed=cfg.train.seed, remat=m.remat, scan_layers=m.scan_layers)
+    return with_adapters(model, cfg, mesh)
+
+
+def base_record(cfg: Config, model_dir: str | Path) -> dict | None:
+    """What a LoRA checkpoint records of its base: the name it was given, the folder it resolved to and
+    the sha256 of its weight files. None for full fine-tuning (the checkpoint holds every weight)."""
+    if cfg.model.lora.rank is None:
+        return None
+    return {"name_or_path": cfg.model.name_or_path, "folder": str(model_dir),
+            "sha256": base_fingerprint(model_dir)}
+
+
+def check_base(saved: dict | None, cfg: Config, model_dir: str | Path) -> None:
+    """Refuse a LoRA checkpoint whose base weights differ from `model_dir`'s, naming both."""
+    if not saved:
+        return
+    now = base_record(cfg, model_dir)
+    if now is not None and now["sha256"] != saved.get("sha256"):
+        raise ConfigError(
+            f"this LoRA run was trained on the base {saved.get('name_or_path')} ({saved.get('folder')}, weights "
+            f"sha256 {str(saved.get('sha256'))[:12]}…), but model.name_or_path={cfg.model.name_or_path} now "
+            f"resolves to {model_dir} with different weights (sha256 {now['sha256'][:12]}…); adapters only "
+            f"make sense on the base they were trained on")

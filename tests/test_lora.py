@@ -1,0 +1,233 @@
+"""LoRA: adapters on every family, checked against `transformers` (merged export) and `peft` (adapter export).
+
+Every model is a tiny random `transformers` model with every weight randomised; the adapters are
+randomised too (a fresh adapter has B = 0 and changes nothing, which would hide a wrong layout).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxft
+from jaxft.config import OptimSection
+from jaxft.lora import LoraSpec, apply_lora, merge, save_adapter
+from jaxft.models.lora import LoRAParam
+from jaxft.optim import make_optimizer
+from jaxft.train.step import Functional, init_state, make_train_step
+
+from causal_helpers import VOCAB, hf_logits, load_hf, max_diff, padded_batch, save_hf
+from conftest import random_batch, save_tiny_bert
+
+pytest.importorskip("peft")
+TOL = 1e-4
+
+CAUSAL = ["llama-bias", "qwen2-bias-sliding", "gpt2", "deepseek-v2-lite", "deepseek-v3"]
+
+
+def _save(variant: str, folder: Path) -> Path:
+    if variant.startswith("deepseek"):
+        from test_deepseek_parity import save_hf as save_deepseek
+
+        return save_deepseek({"deepseek-v2-lite": "v2-lite", "deepseek-v3": "v3"}[variant], folder)
+    return save_hf(variant, folder)
+
+
+def randomise_adapters(model: nnx.Module, seed: int = 1, std: float = 0.1) -> None:
+    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, LoRAParam))):
+        value = var.get_value()
+        var.set_value(std * jax.random.normal(jax.random.key(seed * 1000 + i), value.shape, value.dtype))
+
+
+def _peft_logits(base_dir: Path, adapter_dir: Path, ids, mask, classify: bool = False, types=None):
+    import peft
+    import torch
+    import transformers
+
+    if classify:
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(str(base_dir)).eval()
+    else:
+        base = load_hf(base_dir)
+    with torch.no_grad():
+        kw = {"attention_mask": torch.tensor(mask)}
+        if types is not None:
+            kw["token_type_ids"] = torch.tensor(types)
+        plain = base(torch.tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        adapted = model(torch.tensor(ids, dtype=torch.long), **kw).logits.float().numpy()
+    return plain, adapted
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["looped", "scanned"])
+@pytest.mark.parametrize("variant", CAUSAL)
+def test_causal_lm_lora_matches_transformers_and_peft(tmp_path, variant, scan):
+    src = _save(variant, tmp_path / "base")
+    ids, mask = padded_batch()
+    model = jaxft.load_model(src, task="causal-lm", scan_layers=scan)
+    base = np.asarray(model(ids, attention_mask=mask))
+    # peft cannot hold adapters on DeepSeek's dense MLP / shared experts (see test_deepseek_all_linear)
+    targets = r"self_attn\..*" if variant.startswith("deepseek") else "all-linear"
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets))
+    assert np.array_equal(np.asarray(model(ids, attention_mask=mask)), base), "a fresh adapter changed the logits"
+    randomise_adapters(model)
+    lora = np.asarray(model(ids, attention_mask=mask))
+    assert max_diff(lora, base, mask) > 1e-2, "randomised adapters should change the logits"
+
+    save_adapter(model, adapters, tmp_path / "adapter", str(src))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4
+    assert cfg["fan_in_fan_out"] == variant.startswith("gpt2")
+    plain, adapted = _peft_logits(src, tmp_path / "adapter", ids, mask)
+    assert max_diff(adapted, lora, mask) <= TOL
+    assert max_diff(adapted, plain, mask) > 1e-2, "peft ignored the adapter"
+
+    merge(model, adapters)
+    assert np.abs(np.asarray(model(ids, attention_mask=mask)) - lora)[mask.astype(bool)].max() <= 1e-5
+    jaxft.save_pretrained(model, tmp_path / "merged")
+    assert max_diff(hf_logits(load_hf(tmp_path / "merged"), ids, mask), lora, mask) <= TOL
+
+
+def test_deepseek_all_linear_merges_and_refuses_a_misrouted_peft_adapter(tmp_path):
+    """`all-linear` on DeepSeek also adapts the dense MLP and the shared experts: the merged export matches
+    transformers; a peft adapter of them is refused, since peft's MoE loader would put them on the routed
+    experts instead."""
+    src = _save("deepseek-v3", tmp_path / "base")
+    ids, mask = padded_batch()
+    model = jaxft.load_model(src, task="causal-lm", scan_layers=True)
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0))
+    names = [n for t in adapters.targets for n in t.hf_names]
+    assert "model.layers.0.mlp.gate_proj" in names and "model.layers.1.mlp.shared_experts.down_proj" in names
+    assert not any("experts.0" in n or n.endswith("mlp.gate") for n in names)
+    randomise_adapters(model)
+    lora = np.asarray(model(ids, attention_mask=mask))
+    with pytest.raises(ValueError, match="re-targets"):
+        save_adapter(model, adapters, tmp_path / "adapter", str(src))
+    merge(model, adapters)
+    jaxft.save_pretrained(model, tmp_path / "merged")
+    assert max_diff(hf_logits(load_hf(tmp_path / "merged"), ids, mask), lora, mask) <= TOL
+
+
+def test_all_linear_targets_match_peft(tmp_path):
+    """`all-linear` adapts the modules peft's `all-linear` does on Llama and GPT-2 (every block linear
+    layer, not the head), and a regex picks exactly the modules it names."""
+    import peft
+    import torch
+
+    for variant in ("llama-bias", "gpt2"):
+        src = save_hf(variant, tmp_path / variant)
+        model = jaxft.load_model(src, task="causal-lm")
+        ours = sorted(n for t in apply_lora(model, LoraSpec()).targets for n in t.hf_names)
+        with torch.no_grad():
+            pm = peft.get_peft_model(load_hf(src), peft.LoraConfig(r=2, target_modules="all-linear"))
+        theirs = sorted({n.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0]
+                         for n, _ in pm.named_parameters() if ".lora_A." in n})
+        assert ours == theirs
+    model = jaxft.load_model(tmp_path / "llama-bias", task="causal-lm")
+    names = sorted(n for t in apply_lora(model, LoraSpec(targets="q_proj|v_proj")).targets for n in t.hf_names)
+    assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    with pytest.raises(ValueError, match="model.lora.targets='nothing_here'"):
+        apply_lora(jaxft.load_model(tmp_path / "llama-bias", task="causal-lm"), LoraSpec(targets="nothing_here"))
+
+
+def _random_bert(folder: Path) -> Path:
+    import torch
+    import transformers
+
+    save_tiny_bert(folder)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "LayerNorm.weight" in name else 0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["looped", "scanned"])
+def test_bert_lora_with_trained_head_matches_peft(tmp_path, scan):
+    import torch
+    import transformers
+
+    src = _random_bert(tmp_path / "bert")
+    ids, mask, types = random_batch(99)
+    model = jaxft.load_model(src, task="sequence-classification", num_labels=3, scan_layers=scan)
+    base = np.asarray(model(ids, attention_mask=mask, token_type_ids=types))
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=4.0, rslora=True))
+    assert adapters.train_modules == ["classifier"]
+    assert adapters.train_paths == {"classifier.kernel", "classifier.bias"}
+    assert "bert.pooler.dense" in [n for t in adapters.targets for n in t.hf_names]  # as peft's all-linear
+    randomise_adapters(model)
+    model.classifier.kernel.set_value(model.classifier.kernel.get_value() + 0.3)  # a trained head
+    lora = np.asarray(model(ids, attention_mask=mask, token_type_ids=types))
+    assert np.abs(lora - base).max() > 1e-2
+
+    save_adapter(model, adapters, tmp_path / "adapter", str(src))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier"] and cfg["use_rslora"]
+    plain, adapted = _peft_logits(src, tmp_path / "adapter", ids, mask, classify=True, types=types)
+    assert np.abs(adapted - lora).max() <= TOL
+    assert np.abs(adapted - plain).max() > 1e-2
+
+    merge(model, adapters)
+    jaxft.save_pretrained(model, tmp_path / "merged")
+    torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        merged = torch_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                             token_type_ids=torch.tensor(types)).logits.numpy()
+    assert np.abs(merged - lora).max() <= TOL
+
+
+def test_training_changes_only_adapters_and_keeps_no_base_state(tmp_path):
+    """A LoRA step differentiates the adapters only: the base is bitwise unchanged, the optimizer state
+    mirrors the adapters alone, and the loss goes down."""
+    src = save_hf("llama-bias", tmp_path / "base")
+    model = jaxft.load_model(src, task="causal-lm")
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, dropout=0.1))
+    fn = Functional(model, adapters.trainable)
+    assert fn.params and all(".lora." in k for k in fn.params)
+    base_before = {k: np.asarray(v).copy() for k, v in fn.frozen.items()}
+    tx, lr = make_optimizer(OptimSection(lr=1e-2, weight_decay=0.1), 6)
+    state = init_state(fn, tx, 0)
+    mirrored = [x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
+    assert sorted(mirrored) == sorted([v.shape for v in fn.params.values()] * 2)  # Adam's mu and nu only
+    from jaxft.train.losses import causal_lm_loss
+
+    step = make_train_step(fn, causal_lm_loss, tx, lr)
+    ids, mask = padded_batch()
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(mask),
+             "weights": jnp.ones((3,), jnp.float32)}
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    for k, v in fn.frozen.items():
+        assert np.array_equal(np.asarray(v), base_before[k]), k
+    trained = fn.module(state["params"])
+    assert all(np.abs(np.asarray(v.get_value())).max() > 0
+               for _, v in nnx.to_flat_state(nnx.state(trained, LoRAParam)) if "lora.b" in str(_))
+
+
+def test_plan_counts_lora_memory(tmp_path):
+    """The planner: all parameters held, gradients and optimizer state for the adapters only."""
+    from jaxft.config import load_config
+    from jaxft.plan import plan
+
+    src = save_hf("llama-bias", tmp_path / "base")
+    base = {"model": {"name_or_path": str(src), "task": "causal-lm"}, "train": {"batch_size": 2},
+            "data": {"max_length": 16}}
+    full = plan(load_config(base=base))
+    lora = plan(load_config(base=base, overrides=["model.lora.rank=2"]))
+    assert lora.param_count > full.param_count == full.trainable_count
+    adapters = lora.trainable_count
+    assert 0 < adapters < full.param_count / 5
+    assert lora.per_device["gradients"] == 4 * adapters
+    assert lora.per_device["opt_state"] < full.per_device["opt_state"] / 5
+    assert lora.per_device["params"] == 4 * lora.param_count
