@@ -231,3 +231,63 @@ def test_plan_counts_lora_memory(tmp_path):
     assert lora.per_device["gradients"] == 4 * adapters
     assert lora.per_device["opt_state"] < full.per_device["opt_state"] / 5
     assert lora.per_device["params"] == 4 * lora.param_count
+
+
+def test_cli_lora_run_trains_exports_and_refuses_another_base(tmp_path, capsys):
+    """`jaxft train` with model.lora.rank: the checkpoint holds only the adapters; the merged export and
+    the peft adapter give the run's logits in transformers / peft; `jaxft generate` takes the run
+    directory; resuming or exporting against a base whose weights changed is refused, naming both."""
+    import peft
+    import transformers
+
+    from jaxft.cli import main
+    from jaxft.train.run import restore_run
+    from sft_helpers import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    rows = [{"messages": [{"role": "user", "content": f"map w{i}"}, {"role": "assistant", "content": f"d{i}"}]}
+            for i in range(12)] * 2
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    args = ["train", str(Path(__file__).parents[1] / "configs" / "sft_tiny.yaml"), f"model.name_or_path={folder}",
+            f"data.train={tmp_path / 'rows.jsonl'}", f"output_dir={run}", "train.steps=6", "train.log_every=3",
+            "model.lora.rank=4", "model.lora.targets=q_proj|v_proj|down_proj", "optim.lr=2e-2", "train.batch_size=4"]
+    assert main(args) == 0, capsys.readouterr().err
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert train[-1]["loss"] < train[0]["loss"]
+    params = sorted(p.name for p in (run / "checkpoints" / "6" / "params").iterdir() if "lora" in p.name) or \
+        sorted(json.loads((run / "checkpoints" / "6" / "params" / "_METADATA").read_text())["tree_metadata"])
+    assert params and all("lora" in p for p in params), params[:5]
+
+    restored = restore_run(run)
+    ids = np.array([[3, 5, 7, 9, 11, 13]], np.int32)
+    ours = np.asarray(restored.model(ids))
+    assert main(["export", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0
+    assert main(["export", str(run), str(tmp_path / "merged")]) == 0
+    with __import__("torch").no_grad():
+        import torch
+
+        merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        plain = base(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        via_peft = adapted(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        via_merged = merged(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert np.abs(via_merged - ours).max() <= TOL and np.abs(via_peft - ours).max() <= TOL
+    assert np.abs(via_peft - plain).max() > 1e-3
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(folder)
+    assert sorted(cfg["target_modules"]) == sorted(f"model.layers.{i}.{m}" for i in range(2)
+                                                   for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "map w1", "--max-new-tokens", "3"]) == 0
+
+    # the base's weights change under the run (an updated Hub repo, a re-saved folder): resume and export
+    # are refused, naming the recorded and the current weights
+    save_tiny_llama(folder, seed=7)
+    capsys.readouterr()
+    assert main([*args, "train.steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "different weights" in err and "sha256" in err, err
+    assert main(["export", str(run), str(tmp_path / "again")]) == 2
+    assert "different weights" in capsys.readouterr().err
