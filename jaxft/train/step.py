@@ -145,6 +145,9 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss, grad_norm = loss_sum / weight, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        # The state keeps its dtypes: with bfloat16 parameters (model.param_dtype) the float32 gradients
+        # would otherwise turn Adam's moments to float32 after step 1 (a second compile, an inexact resume).
+        opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state["opt_state"])
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss or gradient skips the update: params and optimizer state stay as they were
         # (the step counter and the data still advance), and the consecutive-bad-step count grows.
