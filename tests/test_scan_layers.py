@@ -1,6 +1,6 @@
 """Scanned layers (`model.scan_layers`): the blocks' parameters stacked on a leading layer axis and run by
 `jax.lax.scan`. A scanned model computes what the looped one does (logits vs `transformers` within the
-DESIGN.md 1e-4, vs the loop within 1e-5), exports bit-identical tensors, generates the same tokens, trains
+DESIGN.md 1e-4, vs the loop within 1e-5), exports exactly the checkpoint's tensors, bit for bit, generates the same tokens, trains
 to the same losses (dropout included), and its compiled program does not grow with depth.
 """
 
@@ -21,7 +21,7 @@ NORM = {"llama-gqa-tied": "input_layernorm.scale", "qwen2-bias-sliding": "input_
 
 def _folder(variant: str, tmp_path):
     if variant == "bert":
-        return save_tiny_bert(tmp_path / "bert"), "sequence-classification"
+        return save_tiny_bert(tmp_path / "bert", random_init=True), "sequence-classification"
     if variant == "deepseek":
         return save_deepseek(tmp_path / "deepseek"), "causal-lm"   # dense layer 0, MoE layer 1
     return save_hf(variant, tmp_path / variant), "causal-lm"
@@ -52,6 +52,15 @@ def test_scanned_model_matches_transformers_and_the_loop(tmp_path, variant):
     if task == "causal-lm":
         ref = hf_logits(load_hf(folder), ids, mask)
         np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=TOL)
+    else:
+        import torch
+        import transformers
+
+        bert = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+        with torch.no_grad():
+            ref = bert(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long()).logits.numpy()
+        assert np.abs(ref).max() >= 1.0  # every parameter random: logits of a few units
+        np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
     # One array per block parameter, the layer axis first and named `layers`.
     params = flat_params(scan)
@@ -61,11 +70,18 @@ def test_scanned_model_matches_transformers_and_the_loop(tmp_path, variant):
     layers = loop.hf_config.get("num_hidden_layers") or loop.hf_config.get("n_layer")
     assert sum(params[p].shape[0] for p in norms) == layers, norms
 
-    # The export is the checkpoint, bit for bit.
+    # The export is the checkpoint, bit for bit: the same tensors, none left out.
     source, exported = load_file(str(folder / "model.safetensors")), hf_tensors(scan)
-    assert set(exported) <= set(source)
+    assert sorted(exported) == sorted(source)
     for name, t in exported.items():
-        assert np.array_equal(t, source[name]), name
+        assert t.dtype == source[name].dtype and np.array_equal(t, source[name]), name
+    jaxft.save_pretrained(scan, tmp_path / "out")
+    written = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        written.update(load_file(str(f)))
+    assert sorted(written) == sorted(source)
+    for name, t in written.items():
+        assert t.tobytes() == source[name].tobytes(), name
 
 
 @pytest.mark.parametrize("variant", ["qwen2-bias-sliding", "deepseek"])
