@@ -9,7 +9,7 @@ the tests start it in a subprocess so that `XLA_FLAGS=--xla_force_host_platform_
 spec: {"runs": [{"model": DIR, "task": "causal-lm" | "sequence-classification", "mesh": {...} | null,
                  "steps": N, "batch": B, "length": T, "grad_accum": 1, "dtype": "float32", "remat": "none",
                  "scan_layers": false, "count_reads": false, "checkpoint_at": K | null, "run_dir": DIR,
-                 "save": DIR | null}],
+                 "save": DIR | null, "params_out": FILE.npz | null}],
        "distributed": {"distributed": "on", "coordinator": "127.0.0.1:PORT", "num_processes": 2, "process_id": i,
                        "init_timeout": 60}}   (the `mesh.*` settings of a config)
 `mesh: null` runs on one device. With `checkpoint_at: K` the state is saved with Orbax after step K
@@ -17,6 +17,7 @@ into `run_dir/checkpoints`, restored into fresh arrays, and training goes on fro
 `save` exports the trained model (`{pid}` in it becomes the process index, to show which process wrote).
 `count_reads` reports, per checkpoint tensor, the bytes of each slice this process read while loading;
 `all_gathers` lists the result shapes of the all-gathers in the compiled train step.
+`params_out` writes the trained parameters (whole, float32, by their flat names) to an `.npz` file.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def run_one(r: dict) -> dict:
     opt = [describe(x) for x in jax.tree.leaves(state["opt_state"])]
     out = {"losses": losses, "params": params, "opt_state": opt, "devices": int(mesh.size), "reads": reads,
            "batch_spec": batch_spec, "all_gathers": gathers}
+    if r.get("params_out"):
+        np.savez(r["params_out"], **{k: np.asarray(jax.device_get(v), np.float32)
+                                     for k, v in state["params"].items()})
     if r.get("save"):
         trained = fn.module(state["params"])
         trained.hf_config, trained.source_dir = model.hf_config, model.source_dir

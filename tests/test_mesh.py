@@ -30,7 +30,8 @@ DEEPSEEK = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_interme
 
 
 def save_deepseek(folder: Path, seed: int = 0) -> Path:
-    """A tiny random DeepSeek-V3 (MoE in layer 1); router weights spread wide (std 0.5) so that no two
+    """A tiny random DeepSeek-V3 (MoE in layer 1) with every parameter random (experts included, so the
+    routed experts carry much of the output); router weights spread wide (std 0.5) so that no two
     experts' scores are close enough for float rounding to flip a routing choice."""
     import torch
     import transformers
@@ -41,6 +42,12 @@ def save_deepseek(folder: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 p.copy_(0.5 * torch.randn_like(p))
+            elif name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
     model.save_pretrained(folder)
     return folder
 
@@ -63,6 +70,18 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> list[dict]:
 
 def assert_same_losses(ref: dict, got: dict, label: str) -> None:
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-4, err_msg=label)
+
+
+def assert_same_params(ref: Path, got: Path, label: str) -> None:
+    """Every trained parameter within 1e-5 (10 steps at lr 3e-3 move them by up to ~3e-2; float
+    reordering over a mesh leaves ~1e-7). Except BERT's key biases: they add the same q·b to every
+    key of a query, which softmax ignores, so their gradient is 0 but for rounding noise, and Adam turns
+    that noise into lr-sized steps in arbitrary directions."""
+    a, b = np.load(ref), np.load(got)
+    assert sorted(a.files) == sorted(b.files), label
+    for name in a.files:
+        if not name.endswith(".key.bias"):
+            np.testing.assert_allclose(b[name], a[name], atol=1e-5, rtol=0, err_msg=f"{label}: {name}")
 
 
 def test_mesh_shape_checks_the_device_count():
@@ -89,11 +108,14 @@ def test_rules_shard_each_weight_once_per_mesh_axis():
 
 @pytest.mark.slow
 def test_sharded_training_equals_one_device(tmp_path):
-    """Tiny Llama, BERT and DeepSeek-V3 (MoE): 10 steps on meshes of 8 devices vs one device; gradient
+    """Tiny Llama, BERT and DeepSeek-V3 (MoE; BERT and DeepSeek with every parameter random, so that the
+    routed experts matter): 10 steps on meshes of 8 devices vs one device, losses at every step and, for
+    BERT and DeepSeek, the trained parameters; gradient
     accumulation (4 × 8 on the mesh vs a batch of 32 on one device); scanned layers on a mesh; each
     device's shard read from the checkpoint as a slice."""
     llama = save_hf("llama-mha", tmp_path / "llama", num_key_value_heads=2)
-    bert = save_tiny_bert(tmp_path / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    bert = save_tiny_bert(tmp_path / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                          random_init=True)
     deepseek = save_deepseek(tmp_path / "deepseek")
     causal = lambda model, mesh: {"model": str(model), "task": "causal-lm", "mesh": mesh}
     meshes = [None, {"data": 8}, {"fsdp": 8}, MESH_2x2x2]
@@ -103,11 +125,15 @@ def test_sharded_training_equals_one_device(tmp_path):
     long = causal(llama, {"fsdp": 2, "sequence": 2, "tensor": 2})                 # sequence parallelism
     runs = [dict(causal(llama, m), count_reads=m == {"fsdp": 8}) for m in meshes]
     a = start({"runs": runs + accum + [scanned, long]}, tmp_path / "a.json")
-    bert_run = lambda mesh: {"model": str(bert), "task": "sequence-classification", "mesh": mesh}  # noqa: E731
-    b = start({"runs": [bert_run(m) for m in (None, MESH_2x2x2, {"data": 2, "sequence": 4})]
-               + [dict(causal(deepseek, m), all_gathers=True) for m in (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)]
+    bert_run = lambda mesh, i: {"model": str(bert), "task": "sequence-classification", "mesh": mesh,  # noqa: E731
+                                "params_out": str(tmp_path / f"bert{i}.npz")}
+    ds_meshes = (None, {"fsdp": 2, "expert": 4}, MESH_2x2x2)
+    b = start({"runs": [bert_run(m, i) for i, m in enumerate((None, MESH_2x2x2, {"data": 2, "sequence": 4}))]
+               + [dict(causal(deepseek, m), all_gathers=True, params_out=str(tmp_path / f"ds{i}.npz"))
+                  for i, m in enumerate(ds_meshes)]
                + [dict(causal(deepseek, {"fsdp": 2, "expert": 4}), scan_layers=True),
-                  causal(deepseek, {"sequence": 2, "expert": 4})]}, tmp_path / "b.json")
+                  dict(causal(deepseek, {"sequence": 2, "expert": 4}), params_out=str(tmp_path / "ds3.npz"))]},
+              tmp_path / "b.json")
     llama_runs, (bert_1, bert_8, bert_sp, ds_1, ds_ep, ds_8, ds_scan, ds_sp) = finish(a), finish(b)
     big, accumulated, llama_scan, llama_sp = llama_runs[-4:]
     np.testing.assert_allclose(accumulated["losses"], big["losses"], rtol=1e-5, err_msg="grad_accum 4 x 8 vs 32")
@@ -123,6 +149,11 @@ def test_sharded_training_equals_one_device(tmp_path):
     assert_same_losses(llama_runs[0], llama_sp, "llama (fsdp 2, sequence 2, tensor 2)")
     assert_same_losses(bert_1, bert_sp, "bert (data 2, sequence 4)")
     assert_same_losses(ds_1, ds_sp, "deepseek (sequence 2, expert 4)")
+    for i, label in enumerate(["bert (2, 2, 2)", "bert (data 2, sequence 4)"], 1):
+        assert_same_params(tmp_path / "bert0.npz", tmp_path / f"bert{i}.npz", label)
+    for i, label in enumerate(["deepseek (fsdp 2, expert 4)", "deepseek (2, 2, 2)",
+                               "deepseek (sequence 2, expert 4)"], 1):
+        assert_same_params(tmp_path / "ds0.npz", tmp_path / f"ds{i}.npz", label)
     # Under `sequence` the batches' token axis is split too.
     assert llama_sp["batch_spec"] == [["data", "fsdp"], "sequence"]
     assert bert_sp["batch_spec"] == [["data", "fsdp"], "sequence"]
