@@ -291,3 +291,28 @@ def test_cli_lora_run_trains_exports_and_refuses_another_base(tmp_path, capsys):
     assert str(folder) in err and "different weights" in err and "sha256" in err, err
     assert main(["export", str(run), str(tmp_path / "again")]) == 2
     assert "different weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_on_a_mesh_equals_one_device(tmp_path):
+    """fsdp 4 × tensor 2 on 8 simulated devices: the same losses and adapters as one device, and every
+    adapter sharded as its base kernel's input (A) and output (B) axes, the rank never sharded."""
+    import os
+    import subprocess
+    import sys
+
+    src = save_hf("llama-mha", tmp_path / "base", hidden_size=64, intermediate_size=64)
+    out = tmp_path / "out.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, str(Path(__file__).parent / "lora_mesh_helper.py"), str(src),
+                    json.dumps({"fsdp": 4, "tensor": 2}), str(out)], check=True, env=env, timeout=600)
+    r = json.loads(out.read_text())
+    assert np.allclose(r["many"], r["one"], rtol=1e-4, atol=0), (r["one"], r["many"])
+    assert r["param_diff"] <= 1e-4
+    specs = r["specs"]
+    assert specs["model.layers.0.self_attn.q_proj"] == {
+        "kernel": "P('fsdp', 'tensor', None)", "a": "P('fsdp', None)", "b": "P(None, 'tensor', None)"}
+    assert specs["model.layers.0.self_attn.o_proj"] == {
+        "kernel": "P('tensor', None, 'fsdp')", "a": "P('tensor', None, None)", "b": "P(None, 'fsdp')"}
+    assert specs["model.layers.1.mlp.down_proj"] == {
+        "kernel": "P('tensor', 'fsdp')", "a": "P('tensor', None)", "b": "P(None, 'fsdp')"}
