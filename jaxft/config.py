@@ -62,6 +62,8 @@ class ModelSection(Section):
                               "them with jax.lax.scan: compile time independent of depth")
     moe: MoESection = MoESection()
     lora: LoraSection = LoraSection()
+    quantize: Literal["int8", "nf4"] | None = Field(None, description="QLoRA: store the frozen base quantised "
+                                                    "(needs model.lora.rank)")
 
 
 class CleanSection(Section):
@@ -183,6 +185,13 @@ class Config(Section):
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     output_dir: str = "runs/default"
+
+    @model_validator(mode="after")
+    def _quantize_needs_lora(self):
+        if self.model.quantize and self.model.lora.rank is None:
+            raise ValueError(f"model.quantize={self.model.quantize} stores a frozen base, which only LoRA "
+                             f"training has: set model.lora.rank too")
+        return self
 
     @model_validator(mode="after")
     def _task_fields(self):

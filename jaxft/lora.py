@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -37,6 +38,7 @@ from jaxft.hf.table import Conv1D, _fill
 from jaxft.models import get_family
 from jaxft.models.layers import Dense
 from jaxft.models.lora import LoRA, LoRAParam
+from jaxft.models.quant import QuantKernel
 
 log = logging.getLogger("jaxft")
 
@@ -106,6 +108,51 @@ def _hf_names(rule, idx: dict, shape: tuple[int, ...]) -> list[str]:
     return [_fill(module, {axis: str(j + rule.offset(axis))}) for j in range(shape[0])]
 
 
+def linear_layers(model: nnx.Module, table) -> list[tuple[str, Dense, object, list[str]]]:
+    """Every `Dense` of `model` that is a Hugging Face linear module: `(jaxft path, layer, the name-table
+    rule of its kernel, the HF module name of each of its stacked slices)`."""
+    out = []
+    for path, module in nnx.iter_modules(model):
+        if not isinstance(module, Dense):
+            continue
+        dotted = ".".join(map(str, path))
+        rule, idx = table.rule_for_path(dotted + ".kernel")
+        names = _hf_names(rule, idx, module.kernel_spec()[0])
+        if names:
+            out.append((dotted, module, rule, names))
+    return out
+
+
+def _abstract(module: Dense) -> bool:
+    """True for a layer of a model built for its shapes only (`nnx.eval_shape`, the planner)."""
+    var = module.quant.codes if module.quant is not None else module.kernel
+    return isinstance(var.get_value(), jax.ShapeDtypeStruct)
+
+
+def quantize_layer(module: Dense, kind: str, mesh=None) -> None:
+    """Store `module`'s kernel quantised (`jaxft.models.quant`), placed with the kernel's axes, and drop
+    the float kernel."""
+    shape, axes, dtype = module.kernel_spec()
+    lhs, rhs = module.einsum.split("->")[0].split(",")
+    input_dims = tuple(d - len(rhs) for d, c in enumerate(rhs) if c in lhs)
+    if _abstract(module):
+        module.quant = nnx.eval_shape(lambda: QuantKernel(jnp.zeros(shape, dtype), kind, axes, input_dims))
+    else:
+        quant = QuantKernel(module.kernel.get_value(), kind, axes, input_dims)
+        for var in (quant.codes, quant.scale):
+            var.set_value(parallel.place(np.asarray(var.get_value()), var.get_metadata()["logical_axes"], mesh))
+        module.quant = quant
+    module.kernel = None
+
+
+def quantizable(model: nnx.Module) -> dict[str, Dense]:
+    """`{kernel path: layer}` of the layers QLoRA stores quantised: every linear module but the head."""
+    family = get_family(model.hf_config["model_type"], model.task)
+    table = family.name_table(model.config, model.task)
+    return {f"{p}.kernel": m for p, m, _, names in linear_layers(model, table)
+            if names[0].rsplit(".", 1)[-1] not in HEADS}
+
+
 def apply_lora(model: nnx.Module, spec: LoraSpec, *, mesh=None, seed: int = 0) -> Adapters:
     """Attach LoRA adapters to the targeted `Dense` layers of `model` (in place) and say what trains.
 
@@ -125,15 +172,8 @@ def apply_lora(model: nnx.Module, spec: LoraSpec, *, mesh=None, seed: int = 0) -
 
     key = jax.random.key(seed)
     targets, train_paths, train_modules = [], set(), set()
-    for path, module in nnx.iter_modules(model):
-        if not isinstance(module, Dense):
-            continue
-        dotted = ".".join(map(str, path))
-        kernel = module.kernel
-        rule, idx = table.rule_for_path(dotted + ".kernel")
-        names = _hf_names(rule, idx, kernel.shape)
-        if not names:
-            continue
+    for dotted, module, rule, names in linear_layers(model, table):
+        shape, axes, dtype = module.kernel_spec()
         if train_rx is not None and all(train_rx.search(n) for n in names):
             train_paths.update(f"{dotted}.{p}" for p in ("kernel", "bias") if getattr(module, p) is not None)
             train_modules.update(names)
@@ -145,15 +185,16 @@ def apply_lora(model: nnx.Module, spec: LoraSpec, *, mesh=None, seed: int = 0) -
             raise ValueError(f"model.lora.targets={spec.targets!r} matches only some layers of the scanned stack "
                              f"{dotted} ({sum(hits)} of {len(hits)}); target whole stacks or set "
                              f"model.scan_layers=false")
-        stacked = kernel.shape[0] if rule.stacked else None
+        stacked = shape[0] if rule.stacked else None
         n = len(rule.stacked)
-        axes = tuple(kernel.get_metadata()["logical_axes"])
         adapter_id = zlib.crc32(rule.hf.encode())
-        build = lambda: LoRA(module.einsum, tuple(kernel.shape[n:]), axes[n:], spec.rank, spec.alpha,  # noqa: E731
+        # adapters train in float32 over a quantised (QLoRA) base
+        param_dtype = jnp.float32 if module.quant is not None else dtype
+        build = lambda: LoRA(module.einsum, tuple(shape[n:]), axes[n:], spec.rank, spec.alpha,  # noqa: E731
                              rslora=spec.rslora, dropout=spec.dropout, adapter_id=adapter_id, stacked=stacked,
-                             dtype=module.dtype, param_dtype=kernel.dtype,
+                             dtype=module.dtype, param_dtype=param_dtype,
                              key=jax.random.fold_in(key, zlib.crc32(dotted.encode())))
-        if isinstance(kernel.get_value(), jax.ShapeDtypeStruct):
+        if _abstract(module):
             lora = nnx.eval_shape(build)  # an abstract model (the planner): shapes only
         else:
             lora = build()
@@ -181,12 +222,20 @@ def _module_at(model: nnx.Module, path: str) -> nnx.Module:
 
 def merge(model: nnx.Module, adapters: Adapters) -> nnx.Module:
     """Fold every adapter into its base kernel (`W + scale·A·B`, computed in float32, stored in the
-    kernel's dtype) and detach it, in place: the model is then a plain model of its family, which
-    `jaxft.save_pretrained` exports as a full Hugging Face checkpoint."""
+    kernel's dtype) and detach it, in place; a quantised base is dequantised. The model is then a plain
+    model of its family, which `jaxft.save_pretrained` exports as a full Hugging Face checkpoint."""
     for t in adapters.targets:
         dense = _module_at(model, t.path)
-        dense.kernel.set_value(dense.effective_kernel())
+        if dense.quant is None:
+            dense.kernel.set_value(dense.effective_kernel())
+        else:
+            dense.kernel = nnx.Param(dense.effective_kernel(), logical_axes=dense.kernel_spec()[1])
+            dense.quant = None
         dense.lora = None
+    quantised = [m for _, m in nnx.iter_modules(model) if isinstance(m, Dense) and m.quant is not None]
+    for module in quantised:  # quantised layers without adapters: dequantised
+        module.kernel = nnx.Param(module.effective_kernel(), logical_axes=module.quant.axes)
+        module.quant = None
     return model
 
 

@@ -83,7 +83,10 @@ class MemoryPlan:
             + (f", {self.trainable_count:,} trainable ({self.trainable_count / self.param_count:.2%})"
                if self.trainable_count != self.param_count else ""),
             f"precision    compute {self.settings['dtype']}, parameters {self.settings['param_dtype']}, "
-            f"remat {self.settings['remat']}",
+            f"remat {self.settings['remat']}"
+            + (f", base quantised {self.settings['quantize']} "
+               f"({self.settings['base_bytes_per_param']} bytes per base parameter)"
+               if self.settings.get("quantize", "none") != "none" else ""),
             f"mesh         {mesh} ({self.devices} devices) — {where}",
             f"batch        {b['global']} sequences × {b['length']} tokens, grad_accum {b['grad_accum']}: "
             f"{b['per_device']} per data-parallel device per micro-batch"
@@ -197,6 +200,12 @@ def resolve_mesh(sizes: dict[str, int], local: int, devices: int | None):
 def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> MemoryPlan:
     """Work out the per-device memory of training `cfg` (see the module docstring)."""
     model, label = abstract_model(cfg)
+    base_count = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    if cfg.model.quantize:
+        from jaxft.lora import quantizable, quantize_layer
+
+        for layer in quantizable(model).values():
+            quantize_layer(layer, cfg.model.quantize)
     run_model = with_adapters(model, cfg)
     fn = Functional(run_model.model, run_model.trainable)
     local = jax.device_count()
@@ -217,7 +226,11 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
         raise ValueError(f"data.max_length={T} must be divisible by mesh.sequence={sp}")
     # one device's share of a micro-batch: its rows and, under a `sequence` axis, its slice of their tokens
     micro = batch_shapes(cfg.model.task, B // (dp * accum), T // sp, cfg.data.packing)
+    adapter_count = sum(math.prod(v.shape) for k, v in fn.params.items() if ".lora." in k)
     trained = sharded_bytes(fn.params, shard["params"])
+    # bytes of the base (frozen) weights per base parameter: 4 float32, 2 bfloat16, ~1 int8, ~0.5 nf4
+    frozen_total = sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for v in fn.frozen.values())
+    frozen_count = base_count - sum(math.prod(v.shape) for k, v in fn.params.items() if ".lora." not in k)
     d = {"params": trained + sharded_bytes(fn.frozen, frozen_shard),
          "opt_state": sharded_bytes(opt_shapes, shard["opt_state"])}
     # gradients of the trainable parameters only (a frozen base has none): accumulated + one micro-batch's
@@ -235,14 +248,15 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
                         + stats.temp_size_in_bytes)
         method = "compiled"
     return MemoryPlan(
-        model=label, param_count=sum(math.prod(p.shape) for p in {**fn.params, **fn.frozen}.values()),
+        model=label, param_count=base_count + (adapter_count if run_model.adapters else 0),
         trainable_count=sum(math.prod(p.shape) for p in fn.params.values()),
         mesh={a: int(mesh.shape[a]) for a in parallel.MESH_AXES}, devices=int(math.prod(mesh.shape.values())),
         local_devices=local, method=method, backend=jax.default_backend(),
         batch={"global": B, "grad_accum": accum, "per_device": B // (dp * accum), "length": T,
                "length_per_device": T // sp},
         per_device=d, settings={"dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
-                                "remat": cfg.model.remat})
+                                "remat": cfg.model.remat, "quantize": cfg.model.quantize or "none",
+                                "base_bytes_per_param": f"{frozen_total / max(frozen_count, 1):.3f}"})
 
 
 def compiled_memory(fn: Functional, tx, lr, loss, mesh, shard: dict, batch: dict, accum: int):

@@ -24,6 +24,7 @@ from jaxft.hf.files import WeightFile
 from jaxft.models import get_family
 from jaxft.models.lora import LoRAParam
 from jaxft.models.moe import Buffer
+from jaxft.models.quant import QuantParam
 from jaxft.models.options import RunOptions
 
 log = logging.getLogger("jaxft")
@@ -87,8 +88,9 @@ def abstract_module(module_cls, cfg) -> nnx.Module:
 def flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
     """`{'bert.layers.0.query.kernel': Param}` for every tensor a checkpoint holds: the `nnx.Param`s and
     the non-trainable `Buffer`s (e.g. DeepSeek-V3's `e_score_correction_bias`), but not the jaxft-only
-    LoRA adapters (`LoRAParam`), which no Hugging Face checkpoint of the family holds."""
-    held = nnx.All(nnx.Any(nnx.Param, Buffer), nnx.Not(LoRAParam))
+    LoRA adapters (`LoRAParam`), which no Hugging Face checkpoint of the family holds, nor a quantised
+    base (`QuantParam`; `jaxft.lora.merge` turns it back into float kernels)."""
+    held = nnx.All(nnx.Any(nnx.Param, Buffer), nnx.Not(nnx.Any(LoRAParam, QuantParam)))
     return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(module, held))}
 
 
@@ -104,13 +106,15 @@ def model_config(folder: Path, task: str, options: RunOptions, num_labels: int |
 
 def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None,
                dtype: str = "float32", param_dtype: str = "float32", mesh=None, seed: int = 0,
-               remat: str = "none", scan_layers: bool = False) -> nnx.Module:
+               remat: str = "none", scan_layers: bool = False, quantize: str | None = None) -> nnx.Module:
     """Load a Hugging Face checkpoint into jaxft (see the package docstring for the contract).
 
     `dtype` is the compute dtype, `param_dtype` the stored one; `mesh` places every tensor already
     sharded by its logical axes; `remat` is the rematerialisation policy of each block
     (`jaxft.models.layers.REMAT_POLICIES`); `scan_layers` stacks the blocks and runs them with
-    `jax.lax.scan` (one compiled block whatever the depth).
+    `jax.lax.scan` (one compiled block whatever the depth); `quantize` (`int8` | `nf4`) stores every linear
+    layer but the head quantised (`jaxft.models.quant`), each right after it is read, so the float base is
+    never held whole.
     """
     folder = resolve(name_or_path)
     options = RunOptions(dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers)
@@ -130,6 +134,10 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     sources, missing = table.sources(renamed, {p: v.shape for p, v in params.items()}, where=str(folder),
                                      locate=locate)
 
+    from jaxft.lora import quantizable, quantize_layer
+
+    abstract.hf_config = hf.to_dict()
+    quantized = quantizable(abstract) if quantize else {}
     key = jax.random.key(seed)
     for path, var in params.items():
         axes = var.get_metadata().get("logical_axes")
@@ -148,11 +156,12 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
             var.set_value(parallel.place(block(None), axes, None))
         else:
             var.set_value(_place_sliced(block, var, mesh))
+        if path in quantized:
+            quantize_layer(quantized[path], quantize, mesh)
     if missing:
         log.warning("initialised %d parameter(s) absent from %s (new head): %s", len(missing), folder,
                     ", ".join(missing))
     model = abstract
-    model.hf_config = hf.to_dict()
     model.source_dir = str(folder)
     return model
 

@@ -141,10 +141,12 @@ class Dense(nnx.Module):
 
     The kernel's shape and axes follow the einsum's second operand; the optional bias has the output's
     trailing (non-batch) dimensions. Computation runs in `dtype`, parameters are stored in `param_dtype`.
-    `lora` is a LoRA adapter (`jaxft.models.lora.LoRA`) when one is attached (`jaxft.lora.apply_lora`).
+    `lora` is a LoRA adapter (`jaxft.models.lora.LoRA`) when one is attached (`jaxft.lora.apply_lora`);
+    `quant` replaces `kernel` when the frozen base is stored quantised (`jaxft.models.quant.QuantKernel`).
     """
 
     lora = None
+    quant = None
 
     def __init__(self, einsum: str, kernel_shape: Sequence[int], kernel_axes: Sequence[str], *,
                  use_bias: bool = True, std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -163,19 +165,35 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: Array) -> Array:
-        y = jnp.einsum(self.einsum, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = jnp.einsum(self.einsum, x.astype(self.dtype), self.weight())
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
             y = y + self.lora(x.astype(self.dtype))
         return y
 
+    def weight(self) -> Array:
+        """The base kernel in the compute dtype (dequantised here, inside the jitted step, when quantised)."""
+        if self.quant is not None:
+            return self.quant.dequantize(self.dtype)
+        return self.kernel[...].astype(self.dtype)
+
     def effective_kernel(self) -> Array:
-        """The kernel the layer applies: `W`, plus `scale·A·B` when an adapter is attached (used where a
-        layer's kernel is read directly, e.g. MLA's absorbed decoding)."""
+        """The kernel the layer applies, in its parameter dtype: `W` (dequantised), plus `scale·A·B` when an
+        adapter is attached (used where a kernel is read directly, e.g. MLA's absorbed decoding, merging)."""
+        if self.quant is not None:
+            base, dtype = self.quant.dequantize(jnp.float32), self.quant.param_dtype
+        else:
+            base, dtype = self.kernel[...], self.kernel.dtype
         if self.lora is None:
-            return self.kernel[...]
-        return (self.kernel[...].astype(jnp.float32) + self.lora.delta()).astype(self.kernel.dtype)
+            return base.astype(dtype)
+        return (base.astype(jnp.float32) + self.lora.delta()).astype(dtype)
+
+    def kernel_spec(self) -> tuple[tuple[int, ...], tuple, object]:
+        """`(shape, logical axes, dtype)` of the base kernel, stored plainly or quantised."""
+        if self.quant is not None:
+            return self.quant.shape, self.quant.axes, self.quant.param_dtype
+        return tuple(self.kernel.shape), tuple(self.kernel.get_metadata()["logical_axes"]), self.kernel.dtype
 
 
 class Embed(nnx.Module):
