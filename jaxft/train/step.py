@@ -37,16 +37,16 @@ class Functional:
 
     What trains is decided by variable type through the NNX filter `trainable` (default: every
     `nnx.Param`; with LoRA the adapters' `LoRAParam`s and a trained head, see `jaxft.lora`); every other
-    `nnx.Param` is frozen. The train step differentiates with respect to `params` only, so a frozen base
-    gets no gradient, no optimizer state and is never donated: it is passed to the jitted steps as an
-    argument of its own (`frozen`), not closed over (which would embed it in the program as a constant).
-    Buffers (non-`Param` variables, e.g. DeepSeek-V3's router bias) stay in `rest`.
+    variable is frozen: other parameters, a quantised base, buffers such as DeepSeek-V3's router bias. The
+    train step differentiates with respect to `params` only, so a frozen base gets no gradient, no
+    optimizer state and is never donated: it is passed to the jitted steps as an argument of its own
+    (`frozen`), not closed over (which would embed it in the program as a constant).
 
     `mesh` is the mesh the parameters are placed on (None for unsharded ones).
     """
 
     def __init__(self, model: nnx.Module, trainable=nnx.Param):
-        self.graphdef, params, frozen, self.rest = nnx.split(model, trainable, nnx.Param, ...)
+        self.graphdef, params, frozen, self.rest = nnx.split(model, trainable, nnx.Variable, ...)
         self.paths, self.params, self.axes = {}, {}, {}
         self.frozen: dict[str, jax.Array] = {}
         for state, out in ((params, self.params), (frozen, self.frozen)):
