@@ -25,7 +25,7 @@ from jaxft.train.step import Functional, init_state, make_train_step
 from causal_helpers import VOCAB, hf_logits, load_hf, max_diff, padded_batch, save_hf
 from conftest import random_batch, save_tiny_bert
 
-pytest.importorskip("peft")
+
 TOL = 1e-4
 
 CAUSAL = ["llama-bias", "qwen2-bias-sliding", "gpt2", "deepseek-v2-lite", "deepseek-v3"]
@@ -434,3 +434,33 @@ def test_plan_shows_the_qlora_saving_for_an_8b_model(tmp_path):
     # the quantised linear layers at ~0.53 bytes; embeddings and the head stay bfloat16 (2 bytes)
     assert 0.5 < float(qlora.settings["base_bytes_per_param"]) < 0.9
     assert "nf4" in qlora.report() and "bytes per base parameter" in qlora.report()
+
+
+@pytest.mark.slow
+def test_lora_resume_is_exact(tmp_path, capsys):
+    """Stop a LoRA run (adapter dropout on) at step 3 and resume it to 6: the adapters are bitwise those of a
+    run straight to 6."""
+    from safetensors.numpy import load_file
+
+    from jaxft.cli import main
+    from sft_helpers import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    rows = [{"text": f"w{i} d{i} w{i + 1} d{i + 1}"} for i in range(16)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [str(Path(__file__).parents[1] / "configs" / "sft_tiny.yaml"), f"model.name_or_path={folder}",
+              f"data.train={tmp_path / 'rows.jsonl'}", "data.format=text", "data.packing=false",
+              "train.batch_size=4", "train.steps=6", "model.lora.rank=4", "model.lora.dropout=0.2",
+              "optim.lr=1e-2"]
+    assert main(["train", *common, f"output_dir={tmp_path / 'straight'}"]) == 0
+    assert main(["train", *common, f"output_dir={tmp_path / 'resumed'}", "train.stop_at_step=3"]) == 0
+    assert main(["train", *common, f"output_dir={tmp_path / 'resumed'}"]) == 0
+    capsys.readouterr()
+    out = {}
+    for run in ("straight", "resumed"):
+        assert main(["export", str(tmp_path / run), str(tmp_path / f"{run}-adapter"), "--adapter"]) == 0
+        out[run] = load_file(str(tmp_path / f"{run}-adapter" / "adapter_model.safetensors"))
+    assert sorted(out["straight"]) == sorted(out["resumed"]) and out["straight"]
+    for k, v in out["straight"].items():
+        assert np.array_equal(v, out["resumed"][k]), k
+    assert any(np.abs(v).max() > 0 for k, v in out["straight"].items() if "lora_B" in k)
