@@ -1,7 +1,7 @@
 """Training runs on a device mesh, for the mesh and multi-host tests.
 
 `run(spec)` loads a saved HF folder onto a mesh, trains a few steps on fixed random batches and
-returns the per-step losses, the parameters' and optimizer state's shardings and per-device bytes.
+returns the per-step losses and gradient norms, the parameters' and optimizer state's shardings and per-device bytes.
 Run as a script (`python tests/mesh_helpers.py SPEC.json`), it prints the results as one JSON line;
 the tests start it in a subprocess so that `XLA_FLAGS=--xla_force_host_platform_device_count=8` (or
 `jax.distributed`) is set before JAX starts.
@@ -82,7 +82,7 @@ def run_one(r: dict) -> dict:
     tx, lr = make_optimizer(OptimSection(lr=r.get("lr", 3e-3), weight_decay=0.01, warmup_steps=2), steps)
     state = init_state(fn, tx, seed=0)
     step = make_train_step(fn, LOSSES[r["task"]], tx, lr, r.get("grad_accum", 1))
-    losses = []
+    losses, grad_norms = [], []
     data = batches(r["task"], model.hf_config["vocab_size"], steps, r.get("batch", 16), r.get("length", 16))
     batch_spec, gathers = None, None
     if r.get("all_gathers"):
@@ -96,6 +96,7 @@ def run_one(r: dict) -> dict:
         batch_spec = [list(e) if isinstance(e, tuple) else e for e in b["input_ids"].sharding.spec]
         state, m = step(state, b)
         losses.append(float(m["loss"]))
+        grad_norms.append(float(m["grad_norm"]))
         if i + 1 == r.get("checkpoint_at"):
             state = save_and_restore(state, i + 1, r["run_dir"])
 
@@ -107,7 +108,7 @@ def run_one(r: dict) -> dict:
 
     params = {k: describe(v) for k, v in state["params"].items()}
     opt = [describe(x) for x in jax.tree.leaves(state["opt_state"])]
-    out = {"losses": losses, "params": params, "opt_state": opt, "devices": int(mesh.size), "reads": reads,
+    out = {"losses": losses, "grad_norms": grad_norms, "params": params, "opt_state": opt, "devices": int(mesh.size), "reads": reads,
            "batch_spec": batch_spec, "all_gathers": gathers}
     if r.get("params_out"):
         np.savez(r["params_out"], **{k: np.asarray(jax.device_get(v), np.float32)
