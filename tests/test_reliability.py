@@ -135,23 +135,55 @@ def test_sigterm_checkpoints_and_the_same_command_finishes_identically(setup):
     assert_bitwise_equal(export_tensors(tmp / "preempted", tmp / "e1"), export_tensors(tmp / "straight", tmp / "e2"))
 
 
+def unfinished_saves(ckpt_dir: Path) -> list[int]:
+    """Steps whose save has begun and not been committed: Orbax's temporary folders
+    (`N.orbax-checkpoint-tmp-*`) and step folders without its commit record."""
+    out = []
+    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        head = p.name.split(".")[0]
+        if head.isdigit() and (".orbax-checkpoint-tmp" in p.name or not (p / "_CHECKPOINT_METADATA").is_file()):
+            out.append(int(head))
+    return sorted(out)
+
+
 @pytest.mark.slow
 def test_sigkill_during_async_saves_resumes_from_a_complete_checkpoint(setup):
+    """SIGKILL lands while a save is being written (its unfinished folder is seen before the kill and is
+    still there after it); the same command resumes from the newest committed step, never the
+    unfinished one, and ends bitwise equal to an uninterrupted run, on the same batches."""
     tmp, config = setup
     args = config("killed", **{"train.steps": 60, "checkpoint.every": 1, "checkpoint.keep": 3})
+    ckpt_dir = tmp / "killed" / "checkpoints"
     proc = spawn(args)
     wait_for_steps(tmp / "killed", 12, proc)
-    proc.send_signal(signal.SIGKILL)  # saves are asynchronous and back to back: one is in flight
+    deadline = time.time() + 120
+    while not unfinished_saves(ckpt_dir):  # saves are asynchronous and back to back: catch one in flight
+        assert proc.poll() is None and time.time() < deadline, "no save seen in progress"
+    proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    ckpt_dir = tmp / "killed" / "checkpoints"
-    # an unfinished save (as a kill mid-write leaves it) of a later step must never be chosen
+    assert proc.returncode == -signal.SIGKILL
+    in_flight = unfinished_saves(ckpt_dir)
+    assert in_flight, "the kill did not interrupt a save"
+    committed = sorted(int(p.name) for p in ckpt_dir.iterdir()
+                       if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file())
+    assert committed and max(committed) < max(in_flight) < 60
+    # an unfinished save of a much later step must never be chosen either
     (ckpt_dir / "999.orbax-checkpoint-tmp-1").mkdir()
     assert main(["train", *args]) == 0
     log = (tmp / "killed" / "train.log").read_text()
     resumed = int(log.split("resumed from step ")[1].split()[0])
-    assert 1 <= resumed < 60
-    assert len(batches(tmp / "killed")) >= 60
+    assert resumed == max(committed)
     assert json.loads((tmp / "killed" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 60
+
+    assert main(["train", *config("straight", **{"train.steps": 60})]) == 0
+    # the steps the killed process ran past its last checkpoint are logged twice; each time with the
+    # examples of the uninterrupted run
+    straight = {b["step"]: b["example_ids"] for b in batches(tmp / "straight")}
+    killed = batches(tmp / "killed")
+    assert sorted({b["step"] for b in killed}) == sorted(straight) == list(range(1, 61))
+    assert all(b["example_ids"] == straight[b["step"]] for b in killed)
+    assert len(killed) > 60  # the kill came after its last checkpointed step
+    assert_bitwise_equal(export_tensors(tmp / "killed", tmp / "e1"), export_tensors(tmp / "straight", tmp / "e2"))
 
 
 def test_truncated_safetensors_names_the_file(tmp_path):
