@@ -116,15 +116,56 @@ def test_integer_labels_map_to_themselves():
     assert LabelMap.from_labels([2, 0], num_labels=4).values == (0, 1, 2, 3)
 
 
+class CountingTokenizer(CharTokenizer):
+    """CharTokenizer that counts its calls; `shift` makes a different tokenizer (another vocabulary)."""
+
+    def __init__(self, shift: int = 0):
+        self.calls, self.shift = 0, shift
+
+    def __call__(self, texts, *args, **kw):
+        self.calls += 1
+        out = super().__call__(texts, *args, **kw)
+        return {"input_ids": [[t + self.shift for t in row] for row in out["input_ids"]],
+                "token_type_ids": out["token_type_ids"]}
+
+    def get_vocab(self):
+        return {"chars": 52, "shift": self.shift}
+
+
 def test_tokenization_is_cached(tmp_path):
-    tok = CharTokenizer()
-    first = encode(tok, ["ab", "cde"], None, 8, tmp_path)
-    assert len(list(tmp_path.glob("*.npz"))) == 1
-    tok.__call__ = None  # a cache hit must not call the tokenizer again
-    again = encode(CharTokenizer(), ["ab", "cde"], None, 8, tmp_path)
+    texts = ["ab", "cde"]
+    tok = CountingTokenizer()
+    first = encode(tok, texts, None, 8, tmp_path)
+    assert tok.calls == 1 and len(list(tmp_path.glob("*.npz"))) == 1
+    again_tok = CountingTokenizer()
+    again = encode(again_tok, texts, None, 8, tmp_path)
+    assert again_tok.calls == 0  # a cache hit never calls the tokenizer
     np.testing.assert_array_equal(first.ids, again.ids)
-    other = encode(CharTokenizer(), ["ab", "cdf"], None, 8, tmp_path)
+    np.testing.assert_array_equal(first.lengths(), again.lengths())
+    other = encode(CharTokenizer(), ["ab", "cdf"], None, 8, tmp_path)  # other texts: a miss
     assert not np.array_equal(first.ids, other.ids) and len(list(tmp_path.glob("*.npz"))) == 2
+    # another tokenizer, same texts: a miss, tokenized by that tokenizer
+    shifted_tok = CountingTokenizer(shift=1)
+    shifted = encode(shifted_tok, texts, None, 8, tmp_path)
+    assert shifted_tok.calls == 1 and len(list(tmp_path.glob("*.npz"))) == 3
+    np.testing.assert_array_equal(shifted.ids, first.ids + 1)
+
+
+def test_tokenization_cache_tells_hugging_face_tokenizers_apart(tmp_path):
+    """Two fast tokenizers with the same words under other ids: the second never reads the first's entry."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def word_level(words):
+        t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+
+    words = ["<unk>", "a", "b", "c", "d"]
+    a = encode(word_level(words), ["a b", "c d a"], None, 8, tmp_path)
+    b = encode(word_level(words[:1] + words[1:][::-1]), ["a b", "c d a"], None, 8, tmp_path)
+    assert a.ids.tolist() == [1, 2, 3, 4, 1] and b.ids.tolist() == [4, 3, 2, 1, 4]
+    assert len(list(tmp_path.glob("*.npz"))) == 2
 
 
 def ragged(lengths):
