@@ -39,6 +39,22 @@ def _save(variant: str, folder: Path) -> Path:
     return save_hf(variant, folder)
 
 
+def _fit(fn: Functional, optim: OptimSection, steps: int) -> tuple[dict, list[float]]:
+    """`steps` train steps of a causal LM on one fixed padded batch: `(final state, losses)`."""
+    from jaxft.train.losses import causal_lm_loss
+
+    tx, lr = make_optimizer(optim, steps)
+    state, step = init_state(fn, tx, 0), make_train_step(fn, causal_lm_loss, tx, lr)
+    ids, mask = padded_batch()
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(mask),
+             "weights": jnp.ones((3,), jnp.float32)}
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
 def randomise_adapters(model: nnx.Module, seed: int = 1, std: float = 0.1) -> None:
     for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, LoRAParam))):
         value = var.get_value()
@@ -193,20 +209,10 @@ def test_training_changes_only_adapters_and_keeps_no_base_state(tmp_path):
     fn = Functional(model, adapters.trainable)
     assert fn.params and all(".lora." in k for k in fn.params)
     base_before = {k: np.asarray(v).copy() for k, v in fn.frozen.items()}
-    tx, lr = make_optimizer(OptimSection(lr=1e-2, weight_decay=0.1), 6)
-    state = init_state(fn, tx, 0)
-    mirrored = [x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
+    tx, _ = make_optimizer(OptimSection(lr=1e-2, weight_decay=0.1), 6)
+    mirrored = [x.shape for x in jax.tree.leaves(init_state(fn, tx, 0)["opt_state"]) if x.ndim > 0]
     assert sorted(mirrored) == sorted([v.shape for v in fn.params.values()] * 2)  # Adam's mu and nu only
-    from jaxft.train.losses import causal_lm_loss
-
-    step = make_train_step(fn, causal_lm_loss, tx, lr)
-    ids, mask = padded_batch()
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(mask),
-             "weights": jnp.ones((3,), jnp.float32)}
-    losses = []
-    for _ in range(6):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+    state, losses = _fit(fn, OptimSection(lr=1e-2, weight_decay=0.1), 6)
     assert losses[-1] < losses[0]
     for k, v in fn.frozen.items():
         assert np.array_equal(np.asarray(v), base_before[k]), k
@@ -380,7 +386,6 @@ def test_qlora_trains_and_merged_export_matches(tmp_path, kind):
     LoRA training lowers the loss, and the merged export (dequantised base + adapters) loads in
     transformers with jaxft's QLoRA logits within 1e-4."""
     from jaxft.models.quant import QuantParam
-    from jaxft.train.losses import causal_lm_loss
 
     src = save_hf("llama-bias", tmp_path / "base")
     model = jaxft.load_model(src, task="causal-lm", quantize=kind, scan_layers=True)
@@ -390,16 +395,9 @@ def test_qlora_trains_and_merged_export_matches(tmp_path, kind):
     adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0))
     fn = Functional(model, adapters.trainable)
     assert all(".lora." in k for k in fn.params) and any(".quant." in k for k in fn.frozen)
-    tx, lr = make_optimizer(OptimSection(lr=2e-2), 8)
-    state, step = init_state(fn, tx, 0), make_train_step(fn, causal_lm_loss, tx, lr)
-    ids, mask = padded_batch()
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(mask),
-             "weights": jnp.ones((3,), jnp.float32)}
-    losses = []
-    for _ in range(8):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+    state, losses = _fit(fn, OptimSection(lr=2e-2), 8)
     assert losses[-1] < 0.9 * losses[0], losses
+    ids, mask = padded_batch()
     trained = fn.module(state["params"])
     trained.hf_config = model.hf_config
     ours = np.asarray(trained(ids, attention_mask=mask))
