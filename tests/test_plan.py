@@ -61,9 +61,16 @@ def write_run(tmp_path: Path, hf_config: dict, **sections) -> Path:
     return path
 
 
-def test_deepseek_v3_on_a_described_pod(tmp_path):
-    path = write_run(tmp_path, DEEPSEEK_V3, model={"dtype": "bfloat16", "remat": "full"}, data={"max_length": 4096},
-                     train={"batch_size": 256}, mesh={"fsdp": 64, "expert": 4})
+# README / configs/deepseek_v3_pod.yaml: params 10.5 + optimizer state 21.0 + gradients 10.5 + activations
+# 24.3 = peak 66.4 GiB per chip; fits v5p (95), H100 (80), H200 (141); not v4/v6e (32) or v5e (16).
+README_POD_GIB = {"params": 10.5, "opt_state": 21.0, "gradients": 10.5, "activations": 24.3, "peak": 66.4}
+README_POD_FITS = {"TPU v4": False, "TPU v5e": False, "TPU v5p": True, "TPU v6e": False, "H100": True, "H200": True}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_deepseek_v3_on_a_described_pod(tmp_path, scan_layers):
+    path = write_run(tmp_path, DEEPSEEK_V3, model={"dtype": "bfloat16", "remat": "full", "scan_layers": scan_layers},
+                     data={"max_length": 4096}, train={"batch_size": 256}, mesh={"fsdp": 64, "expert": 4})
     p = plan(load_config(path))
     assert p.param_count == deepseek_v3_count(DEEPSEEK_V3) == 671_026_404_352
     assert p.method == "analytic" and p.devices == 256 and p.local_devices == 1
@@ -73,11 +80,13 @@ def test_deepseek_v3_on_a_described_pod(tmp_path):
     total = p.param_count * 4                                          # float32 master weights
     # Routed experts (97% of the weights) are split 256 ways (expert × fsdp), the rest 64 ways (fsdp).
     assert total / 256 < d["params"] < total / 256 * 1.1
-    assert d["opt_state"] == pytest.approx(2 * d["params"], rel=1e-6)      # Adam's mu and nu, float32
-    assert d["gradients"] == d["params"]
-    assert 1 * GiB < d["activations"] < 64 * GiB
+    assert d["opt_state"] == pytest.approx(2 * d["gradients"], rel=1e-6)   # Adam's mu and nu, float32
+    # everything trains but the routers' score-correction biases (buffers): 58 × 256 floats
+    assert 0 <= d["params"] - d["gradients"] <= 58 * 256 * 4
     assert d["peak"] == d["params"] + d["opt_state"] + d["gradients"] + d["activations"]
-    assert set(p.fits()) == set(CHIPS) and p.fits()["TPU v5e"] is False
+    for key, gib in README_POD_GIB.items():  # the figures README and the recipe print, within ±10%
+        assert d[key] / GiB == pytest.approx(gib, rel=0.1), key
+    assert set(p.fits()) == set(CHIPS) and p.fits() == README_POD_FITS
 
 
 def test_llama3_8b_fsdp_shards_every_weight(tmp_path):
