@@ -55,7 +55,8 @@ def _family_folder(family, folder):
     return save_hf(family, folder), "causal-lm"
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "qwen2-bias-sliding", "qwen3-qk-norm", "deepseek"])
+@pytest.mark.parametrize("family", [pytest.param("bert", marks=pytest.mark.slow), "gpt2", "qwen2-bias-sliding",
+                                    "qwen3-qk-norm", pytest.param("deepseek", marks=pytest.mark.slow)])  # slow: ~25-35 s
 def test_weight_decay_reaches_every_matrix_and_no_bias_or_norm(tmp_path, family):
     """One AdamW update with zero gradients is the decay alone: p ← p·(1 − lr·wd). Exported to HF names,
     every tensor PyTorch holds as a weight of a non-norm module (Linear, Conv1D, Embedding, experts) must
