@@ -57,12 +57,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from transformers import AutoTokenizer
-
     from jaxft import parallel
     from jaxft.config import ConfigError, load_config
-    from jaxft.hf.load import resolve
-    from jaxft.train.run import restore_model, setup_logging
+    from jaxft.train.run import restore_model, run_tokenizer, setup_logging
     from jaxft.train.step import Functional, make_eval_step
     from jaxft.train.tasks import make_task
 
@@ -76,7 +73,7 @@ def cmd_eval(args) -> None:
     setup_logging()
     mesh = parallel.make_mesh(cfg.mesh.model_dump())
     model, _, step = restore_model(run[0], cfg, mesh)
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
+    tokenizer = run_tokenizer(run[0], cfg)
     task = make_task(cfg, tokenizer, Path(run[0]), resuming=True, splits=("validation", "test"))
     fn = Functional(model)
     eval_step = make_eval_step(fn, task.loss)
@@ -87,13 +84,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from transformers import AutoTokenizer
-
     from jaxft.data import chat_template
     from jaxft.hf.export import check_export_target, save_pretrained
-    from jaxft.hf.load import resolve
     from jaxft.lora import merge, save_adapter
-    from jaxft.train.run import restore_run, run_config, setup_logging
+    from jaxft.train.run import restore_run, run_config, run_tokenizer, setup_logging
 
     out = Path(args.out_dir)
     check_export_target(out, args.overwrite, keep=(args.run_dir,))  # before anything is loaded
@@ -107,7 +101,7 @@ def cmd_export(args) -> None:
     if args.adapter and run.adapters is None:
         raise ValueError(f"--adapter: {args.run_dir} is a full fine-tuning run (model.lora.rank is not set); "
                          f"export it without --adapter")
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
+    tokenizer = run_tokenizer(args.run_dir, cfg)
     template = chat_template(cfg)
     if template:  # export the chat template training used, so serving formats prompts the same way
         tokenizer.chat_template = template

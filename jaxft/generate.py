@@ -169,11 +169,11 @@ def load_for_generation(model_dir: str):
 
     if (Path(model_dir) / "config.yaml").exists():
         from jaxft.data import chat_template
-        from jaxft.train.run import restore_model, run_config
+        from jaxft.train.run import restore_model, run_config, run_tokenizer
 
         cfg = run_config(model_dir)
         model, _, _ = restore_model(model_dir, cfg)
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))
+        tokenizer = run_tokenizer(model_dir, cfg)
         tokenizer.chat_template = chat_template(cfg) or tokenizer.chat_template
         return model, tokenizer
     folder = resolve(model_dir)

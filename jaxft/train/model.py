@@ -75,23 +75,24 @@ def load_run_model(cfg: Config, model_dir: str | Path, mesh=None, num_labels: in
     return with_adapters(model, cfg, mesh)
 
 
-def base_record(cfg: Config, model_dir: str | Path) -> dict | None:
-    """What a LoRA checkpoint records of its base: the name it was given, the folder it resolved to and
-    the sha256 of its weight files. None for full fine-tuning (the checkpoint holds every weight)."""
-    if cfg.model.lora.rank is None:
-        return None
+def base_record(cfg: Config, model_dir: str | Path) -> dict:
+    """What a checkpoint records of its base: the name it was given, the folder it resolved to and the sha256
+    of its weight files. A LoRA run's weights are the base's (plus adapters); a full fine-tuning run still
+    takes its config.json and generation settings from the base folder on export."""
     return {"name_or_path": cfg.model.name_or_path, "folder": str(model_dir),
             "sha256": base_fingerprint(model_dir)}
 
 
 def check_base(saved: dict | None, cfg: Config, model_dir: str | Path) -> None:
-    """Refuse a LoRA checkpoint whose base weights differ from `model_dir`'s, naming both."""
+    """Refuse a checkpoint whose base weights differ from `model_dir`'s, naming both (checkpoints written
+    before bases were recorded have none and pass)."""
     if not saved:
         return
     now = base_record(cfg, model_dir)
-    if now is not None and now["sha256"] != saved.get("sha256"):
+    if now["sha256"] != saved.get("sha256"):
+        kind = "LoRA run" if cfg.model.lora.rank is not None else "run"
         raise ConfigError(
-            f"this LoRA run was trained on the base {saved.get('name_or_path')} ({saved.get('folder')}, weights "
+            f"this {kind} was trained on the base {saved.get('name_or_path')} ({saved.get('folder')}, weights "
             f"sha256 {str(saved.get('sha256'))[:12]}…), but model.name_or_path={cfg.model.name_or_path} now "
-            f"resolves to {model_dir} with different weights (sha256 {now['sha256'][:12]}…); adapters only "
-            f"make sense on the base they were trained on")
+            f"resolves to {model_dir} with different weights (sha256 {now['sha256'][:12]}…); restore that base "
+            f"or point model.name_or_path at it")

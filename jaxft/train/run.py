@@ -231,6 +231,17 @@ def checkpoints_of(run_dir: Path, cfg: Config, read_only: bool = False) -> Check
     return Checkpoints(run_dir, keep=cfg.checkpoint.keep, metric=metric, mode=mode, read_only=read_only)
 
 
+def run_tokenizer(run_dir: str | Path, cfg: Config):
+    """The tokenizer a run trained with: the copy saved in `RUN_DIR/tokenizer` (so a base folder or Hub repo
+    that changed since does not change what eval, export and generate tokenize), else the base's."""
+    from transformers import AutoTokenizer
+
+    from jaxft.hf.load import resolve
+
+    saved = Path(run_dir) / "tokenizer"
+    return AutoTokenizer.from_pretrained(str(saved if saved.is_dir() else resolve(cfg.model.name_or_path)))
+
+
 def restore_model(run_dir: str | Path, cfg: Config | None = None, mesh=None, step: int | None = None):
     """`(model, label_map, step)` with the parameters of the best (else latest) checkpoint of a run."""
     r = restore_run(run_dir, cfg, mesh, step)
