@@ -138,9 +138,14 @@ def quantize_layer(module: Dense, kind: str, mesh=None) -> None:
     if _abstract(module):
         module.quant = nnx.eval_shape(lambda: QuantKernel(jnp.zeros(shape, dtype), kind, axes, input_dims))
     else:
+        # computed on the devices from the (sharded) kernel, then laid out by the codes' and scales' own
+        # axes: nothing passes through the host
         quant = QuantKernel(module.kernel.get_value(), kind, axes, input_dims)
-        for var in (quant.codes, quant.scale):
-            var.set_value(parallel.place(np.asarray(var.get_value()), var.get_metadata()["logical_axes"], mesh))
+        if mesh is not None:
+            for var in (quant.codes, quant.scale):
+                value = var.get_value()
+                var.set_value(jax.device_put(value, parallel.sharding(var.get_metadata()["logical_axes"],
+                                                                      value.shape, mesh)))
         module.quant = quant
     module.kernel = None
 

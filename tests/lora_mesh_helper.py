@@ -1,7 +1,8 @@
 """Run in a subprocess with 8 simulated CPU devices (tests/test_lora.py::test_lora_on_a_mesh_equals_one_device).
 
-argv: model folder, mesh JSON, output JSON. Trains LoRA 3 steps unsharded and on the mesh; writes the
-losses, the adapters' sharding specs next to their base kernels', and the max parameter difference.
+argv: a JSON list of cases `{"folder", "mesh", "quantize"}` and the output JSON path. For each case, trains
+LoRA (QLoRA with `quantize`) 3 steps unsharded and on the mesh; writes the losses, the adapters' sharding
+specs next to their base kernels', and the max parameter difference.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from jaxft.train.losses import causal_lm_loss
 from jaxft.train.step import Functional, init_state, make_train_step
 
 
-def train(folder: str, mesh, randomise_seed: int = 5):
-    model = jaxft.load_model(folder, task="causal-lm", mesh=mesh)
+def train(folder: str, mesh, quantize=None):
+    model = jaxft.load_model(folder, task="causal-lm", mesh=mesh, quantize=quantize)
     adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0), mesh=mesh)
     fn = Functional(model, adapters.trainable)
     # B random too, so that every adapter contributes from the first step
@@ -43,19 +44,22 @@ def train(folder: str, mesh, randomise_seed: int = 5):
         losses.append(float(m["loss"]))
     specs = {}
     for t in adapters.targets:
+        base = fn.frozen.get(t.path + ".kernel", fn.frozen.get(t.path + ".quant.codes"))
         specs[t.path] = {k: str(getattr(v.sharding, "spec", None)) for k, v in
                          (("a", state["params"][t.path + ".lora.a"]), ("b", state["params"][t.path + ".lora.b"]),
-                          ("kernel", fn.frozen[t.path + ".kernel"]))}
+                          ("kernel", base))}
     return losses, {k: np.asarray(jax.device_get(v)) for k, v in state["params"].items()}, specs
 
 
-def main(folder: str, sizes: str, out: str) -> None:
-    one, p1, _ = train(folder, None)
-    mesh = parallel.make_mesh(json.loads(sizes))
-    many, p8, specs = train(folder, mesh)
-    diff = max(float(np.abs(p1[k] - p8[k]).max()) for k in p1)
+def main(cases: str, out: str) -> None:
+    results = []
+    for case in json.loads(cases):
+        one, p1, _ = train(case["folder"], None, case.get("quantize"))
+        many, p8, specs = train(case["folder"], parallel.make_mesh(case["mesh"]), case.get("quantize"))
+        diff = max(float(np.abs(p1[k] - p8[k]).max()) for k in p1)
+        results.append({"one": one, "many": many, "param_diff": diff, "specs": specs})
     with open(out, "w") as f:
-        json.dump({"one": one, "many": many, "param_diff": diff, "specs": specs}, f)
+        json.dump(results, f)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""QLoRA: a quantised frozen base (int8, NF4) under LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxft
+from jaxft.config import OptimSection
+from jaxft.lora import LoraSpec, apply_lora, merge
+from jaxft.train.step import Functional
+
+from causal_helpers import hf_logits, load_hf, max_diff, padded_batch, save_hf
+from lora_helpers import TOL, _fit
+
+
+def test_nf4_code_book_and_quantisation_error_bounds():
+    """NF4 levels are the published ones and follow from the normal quantiles; every entry of a dequantised
+    kernel is within the stated bound (int8: s/2 per output channel; nf4: absmax·max_gap/2 per block)."""
+    from jaxft.models.quant import NF4, NF4_MAX_GAP, QuantKernel, nf4_from_quantiles
+
+    published = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0]
+    assert np.array_equal(NF4, np.float32(published))
+    assert np.abs(nf4_from_quantiles() - NF4).max() < 1e-6
+    w = jax.random.normal(jax.random.key(0), (3, 64, 4, 128)) * jnp.linspace(0.1, 2.0, 128)  # [L, D, N, H]
+    for kind in ("int8", "nf4"):
+        q = QuantKernel(w, kind, ("layers", "embed", "heads", "head_dim"), (-3,))
+        err = np.abs(np.asarray(q.dequantize()) - np.asarray(w))
+        bound = np.asarray(q.error_bound())
+        if kind == "int8":
+            assert q.codes.dtype == jnp.int8 and q.scale.shape == (3, 4, 128)
+            assert (err <= bound[:, None] * (1 + 1e-6)).all()
+            assert err.max() < 0.01 * np.abs(np.asarray(w)).max()
+        else:
+            assert q.codes.dtype == jnp.uint8 and q.codes.shape == (3, 64, 4, 64) and q.scale.shape == (3, 64, 4, 2)
+            blocks = err.reshape(3, 64, 4, 2, 64)
+            assert (blocks <= bound[..., None] * (1 + 1e-6)).all()
+            assert NF4_MAX_GAP == pytest.approx(0.3038, abs=1e-4)
+            # and the bound is not slack: some entry uses at least half of it
+            assert (blocks / bound[..., None]).max() > 0.5
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_qlora_trains_and_merged_export_matches(tmp_path, kind):
+    """A tiny Llama loaded quantised: only the codes and scales are held (no float kernel of a linear layer),
+    LoRA training lowers the loss, and the merged export (dequantised base + adapters) loads in
+    transformers with jaxft's QLoRA logits within 1e-4."""
+    from jaxft.models.quant import QuantParam
+
+    src = save_hf("llama-bias", tmp_path / "base")
+    model = jaxft.load_model(src, task="causal-lm", quantize=kind, scan_layers=True)
+    codes = [v for _, v in nnx.to_flat_state(nnx.state(model, QuantParam))]
+    assert codes and {str(v.get_value().dtype) for v in codes} >= {"int8" if kind == "int8" else "uint8"}
+    assert model.model.layers.self_attn.q_proj.kernel is None and model.lm_head.quant is None
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0))
+    fn = Functional(model, adapters.trainable)
+    assert all(".lora." in k for k in fn.params) and any(".quant." in k for k in fn.frozen)
+    state, losses = _fit(fn, OptimSection(lr=2e-2), 8)
+    assert losses[-1] < 0.9 * losses[0], losses
+    ids, mask = padded_batch()
+    trained = fn.module(state["params"])
+    trained.hf_config = model.hf_config
+    ours = np.asarray(trained(ids, attention_mask=mask))
+    merge(trained, adapters)
+    jaxft.save_pretrained(trained, tmp_path / "merged")
+    assert max_diff(hf_logits(load_hf(tmp_path / "merged"), ids, mask), ours, mask) <= TOL
+
+
+def test_plan_shows_the_qlora_saving_for_an_8b_model(tmp_path):
+    """Llama-3-8B's shape (config only, nothing allocated): full fine-tuning in bfloat16 fits neither a 16 GiB
+    TPU v5e nor a 24 GiB GPU; LoRA on an nf4 base with remat does, at about half a byte per base parameter."""
+    from jaxft.config import load_config
+    from jaxft.plan import GiB, plan
+
+    folder = tmp_path / "llama3-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
+    base = {"model": {"name_or_path": str(folder), "task": "causal-lm", "dtype": "bfloat16",
+                      "param_dtype": "bfloat16", "remat": "full", "scan_layers": True},
+            "train": {"batch_size": 1}, "data": {"max_length": 1024}}
+    full = plan(load_config(base=base), devices=1)
+    qlora = plan(load_config(base=base, overrides=["model.lora.rank=16", "model.quantize=nf4"]), devices=1)
+    assert 7.9e9 < full.param_count < 8.1e9
+    assert not full.fits()["TPU v5e"] and full.per_device["peak"] > 24 * GiB
+    assert qlora.fits()["TPU v5e"], qlora.report()
+    assert qlora.per_device["peak"] < 16 * GiB < full.per_device["peak"] / 3
+    # the quantised linear layers at ~0.53 bytes; embeddings and the head stay bfloat16 (2 bytes)
+    assert 0.5 < float(qlora.settings["base_bytes_per_param"]) < 0.9
+    assert "nf4" in qlora.report() and "bytes per base parameter" in qlora.report()
