@@ -89,8 +89,12 @@ def test_remat_leaves_gradients_unchanged(models, name, remat):
     folder, task, batch, ref = models[name]
     got = grads(folder, task, remat, batch)
     for k in ref:
-        # recomputed blocks may fuse differently: equal up to float32 rounding
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=f"{name} {remat} {k}")
+        # recomputed blocks may fuse differently: equal up to float32 rounding, which for sums over many
+        # tokens (the embedding gradient of a model with every weight random) is relative to the tensor's
+        # scale rather than to each small entry
+        scale = float(np.abs(np.asarray(ref[k])).max())
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=max(1e-7, 1e-5 * scale),
+                                   err_msg=f"{name} {remat} {k}")
 
 
 def test_unknown_remat_policy_is_named(llama_dir):
