@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.hf.files import plan_bytes, shard_names, staged_folder, write_safetensors_stream
+from jaxft.hf.files import file_in_the_way, plan_bytes, shard_names, staged_folder, write_safetensors_stream
 from jaxft.hf.load import flat_params
 from jaxft.hf.table import NameTable
 from jaxft.models import get_family
@@ -204,11 +204,9 @@ def check_export_target(out: str | os.PathLike, overwrite: bool, keep: tuple = (
                          f"through links: give a real folder")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export target {out} is a file, not a folder")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"export target {out}: {parent} is a file, not a folder")
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise NotADirectoryError(f"export target {out}: {blocker} is a file, not a folder")
     for path in keep:
         if path is not None and Path(path).exists() and (
                 out.resolve() == Path(path).resolve() or out.resolve() in Path(path).resolve().parents):

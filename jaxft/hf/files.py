@@ -288,3 +288,11 @@ def _human(n: float) -> str:
         n /= 1024
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}"
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is a file (so `path` cannot be created), else None."""
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return None if parent.is_dir() else parent

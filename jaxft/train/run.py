@@ -177,6 +177,7 @@ def claim_run_dir(cfg: Config):
     with a warning, so training resumes from the newest complete checkpoint and can save that step again.
     """
     from jaxft.config import ConfigError
+    from jaxft.hf.files import file_in_the_way
     from jaxft.train.checkpoint import incomplete_steps
 
     run_dir = Path(cfg.output_dir)
@@ -185,11 +186,9 @@ def claim_run_dir(cfg: Config):
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} is a file, not a folder")
-    parent = run_dir.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"output_dir {run_dir}: {parent} is a file, not a folder")
+    blocker = file_in_the_way(run_dir)
+    if blocker is not None:
+        raise ConfigError(f"output_dir {run_dir}: {blocker} is a file, not a folder")
     held = run_contents(run_dir) if run_dir.is_dir() else []
     if held and not cfg.checkpoint.resume:
         if cfg.checkpoint.overwrite != "move":
