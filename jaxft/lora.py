@@ -307,12 +307,6 @@ def save_adapter(model: nnx.Module, adapters: Adapters, out_dir: str | os.PathLi
     return out
 
 
-def trainable_count(fn) -> tuple[int, int]:
-    """`(trainable, total)` parameter counts of a `Functional`."""
-    count = lambda d: sum(int(np.prod(v.shape)) for v in d.values())  # noqa: E731
-    return count(fn.params), count(fn.params) + count(fn.frozen)
-
-
 def base_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 over the weight files of a model folder (names and contents), to recognise the base a LoRA
     run was trained on. Cached per (file, size, mtime) under jaxft's cache directory."""

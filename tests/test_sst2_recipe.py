@@ -13,12 +13,17 @@ from jaxft.config import load_config
 from jaxft.train.loop import train
 
 
-@pytest.mark.slow
-def test_minilm_sst2_recipe_reaches_078(tmp_path, minilm_dir):
+def recipe(name: str, tmp_path):
+    """A configs/ recipe pointed at the shared SST-2 files, with its cache and run under `tmp_path`."""
     sst2 = shared_data("sst2")
-    cfg = load_config(ROOT / "configs" / "sst2_minilm.yaml", [
+    return load_config(ROOT / "configs" / name, [
         f"data.train={sst2 / 'train.tsv'}", f"data.test={sst2 / 'test.tsv'}",
         f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"])
+
+
+@pytest.mark.slow
+def test_minilm_sst2_recipe_reaches_078(tmp_path, minilm_dir):
+    cfg = recipe("sst2_minilm.yaml", tmp_path)
     assert (cfg.train.batch_size, cfg.data.max_length, cfg.optim.lr, cfg.data.max_train_rows) == (32, 64, 5e-5, 4000)
     summary = train(cfg)
     assert summary["step"] == 125
@@ -29,10 +34,7 @@ def test_minilm_sst2_recipe_reaches_078(tmp_path, minilm_dir):
 @pytest.mark.slow
 def test_minilm_sst2_lora_recipe_reaches_078(tmp_path, minilm_dir):
     """LoRA rank 8, alpha 16, all-linear, lr 1e-3, classifier trained in full (PyTorch + peft: 0.8085)."""
-    sst2 = shared_data("sst2")
-    cfg = load_config(ROOT / "configs" / "lora_sst2_minilm.yaml", [
-        f"data.train={sst2 / 'train.tsv'}", f"data.test={sst2 / 'test.tsv'}",
-        f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"])
+    cfg = recipe("lora_sst2_minilm.yaml", tmp_path)
     assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets, cfg.optim.lr) == (8, 16, "all-linear", 1e-3)
     summary = train(cfg)
     assert summary["step"] == 125

@@ -111,7 +111,8 @@ class Trainer:
         self.ckpts = checkpoints_of(self.run_dir, cfg)
         resume = self.ckpts.latest_step() if cfg.checkpoint.resume else None
         if resume is not None:
-            self._check_resume_config(self.ckpts.meta(resume))
+            resume_meta = self.ckpts.meta(resume)
+            self._check_resume_config(resume_meta)
         self.task = make_task(cfg, tokenizer, self.run_dir, resuming=resume is not None)
 
         self.batches = self.task.splits["train"]
@@ -127,7 +128,7 @@ class Trainer:
         self.stopper = EarlyStopper(self.metric, mode, patience)
         if resume is not None:
             target = {"params": self.state["params"], "train": {k: v for k, v in self.state.items() if k != "params"}}
-            check_base(self.ckpts.meta(resume).get("base"), cfg, model_dir)
+            check_base(resume_meta.get("base"), cfg, model_dir)
             restored, meta = self.ckpts.restore(resume, target)
             self.state = {"params": restored["params"], **restored["train"]}
             self.batches.position = Position(**meta["data"])
