@@ -60,6 +60,8 @@ def cmd_eval(args) -> None:
     from jaxft import parallel
     from jaxft.config import ConfigError, load_config
     from jaxft.train.run import restore_model, run_tokenizer, setup_logging
+    from jaxft.hf.load import resolve
+    from jaxft.train.model import load_run_model
     from jaxft.train.step import Functional, make_eval_step
     from jaxft.train.tasks import make_task
 
@@ -76,7 +78,9 @@ def cmd_eval(args) -> None:
     tokenizer = run_tokenizer(run[0], cfg)
     task = make_task(cfg, tokenizer, Path(run[0]), resuming=True, splits=("validation", "test"))
     fn = Functional(model)
-    eval_step = make_eval_step(fn, task.loss)
+    # a preference objective's reference model (full fine-tuning): the base the run started from
+    start = lambda: Functional(load_run_model(cfg, resolve(cfg.model.name_or_path), mesh).model)
+    eval_step = make_eval_step(fn, task.loss, task.frozen_model(start))
     out = {"checkpoint_step": step}
     for split in task.splits:
         out[split] = task.evaluate(eval_step, fn.params, split, mesh)

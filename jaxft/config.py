@@ -93,6 +93,9 @@ class DataSection(Section):
     completion_field: str = "completion"
     messages_field: str = "messages"
     chat_template: str | None = Field(None, description="Jinja template, or a path to a file holding one")
+    # preference pairs (train.objective dpo | ipo | simpo | orpo; see jaxft/data/preference.py)
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
     packing: bool = False
     truncation: Literal["right", "drop"] = "right"
 
@@ -121,6 +124,19 @@ class OptimSection(Section):
         return self
 
 
+class PreferenceSection(Section):
+    """Preference objectives (`jaxft.train.preference`); names and defaults as TRL's DPOConfig/CPOConfig/ORPOConfig."""
+
+    beta: float = Field(0.1, gt=0, description="dpo: β of the implicit reward; ipo: τ; simpo: β; orpo: λ, the "
+                        "odds-ratio weight (TRL ORPOConfig.beta)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo, simpo: probability that a pair's "
+                                   "preference is flipped (conservative DPO)")
+    simpo_gamma: float = Field(0.5, description="simpo: target reward margin γ")
+
+
+OBJECTIVES = ("supervised", "dpo", "ipo", "simpo", "orpo")
+
+
 class TrainSection(Section):
     batch_size: int = Field(32, ge=1, description="global batch (all devices, all micro-batches)")
     eval_batch_size: int | None = Field(None, ge=1)
@@ -135,6 +151,10 @@ class TrainSection(Section):
     spike_factor: float | None = Field(3.0, gt=1, description="warn when loss > factor × running median")
     stop_at_step: int | None = Field(None, ge=1, description="checkpoint and exit at this step (resumable)")
     log_batches: bool = Field(False, description="write the example ids of every step to batches.jsonl")
+    objective: Literal[OBJECTIVES] = Field("supervised", description="what the loss is (the model's head is "
+                                           "model.task): supervised, or a preference objective on "
+                                           "{prompt, chosen, rejected} rows")
+    dpo: PreferenceSection = PreferenceSection()
 
     @model_validator(mode="after")
     def _accum_divides(self):
@@ -202,6 +222,23 @@ class Config(Section):
                     raise ValueError(f"{key} applies to sequence-classification, not model.task=causal-lm")
         elif self.data.packing:
             raise ValueError("data.packing applies to model.task=causal-lm")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits(self):
+        obj, p = self.train.objective, self.train.dpo
+        if obj == "supervised":
+            return self
+        if self.model.task != "causal-lm":
+            raise ValueError(f"train.objective={obj} trains a causal LM on preference pairs: set model.task=causal-lm")
+        if self.data.packing:
+            raise ValueError(f"data.packing does not apply to train.objective={obj} (each row is one pair)")
+        if p.label_smoothing and obj in ("ipo", "orpo"):
+            raise ValueError(f"train.dpo.label_smoothing applies to dpo and simpo, not train.objective={obj}")
+        if obj in ("dpo", "ipo") and self.model.lora.rank is not None and self.model.lora.train_modules not in (
+                None, "default"):
+            raise ValueError(f"model.lora.train_modules with train.objective={obj}: the reference model is the base "
+                             f"with adapters off, which modules trained in full would move; drop train_modules")
         return self
 
     def early_stopping(self) -> tuple[str, str]:

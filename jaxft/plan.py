@@ -132,9 +132,14 @@ def abstract_model(cfg: Config) -> tuple[nnx.Module, str]:
     return model, f"{hf.model_type} ({folder})"
 
 
-def batch_shapes(task: str, batch: int, length: int, packing: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
-    """The arrays of one batch of `task` (what `jaxft.data` produces), as shapes."""
+def batch_shapes(task: str, batch: int, length: int, packing: bool = False,
+                 objective: str = "supervised") -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays of one batch of `task` under `objective` (what `jaxft.data` produces), as shapes."""
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    if objective != "supervised":  # preference pairs (jaxft.data.preference)
+        return {f"{side}_{k}": tokens for side in ("chosen", "rejected")
+                for k in ("input_ids", "attention_mask", "loss_mask")} | \
+            {"weights": jax.ShapeDtypeStruct((batch,), jnp.float32)}
     out = {"input_ids": tokens, "attention_mask": tokens, "weights": jax.ShapeDtypeStruct((batch,), jnp.float32)}
     if task == "causal-lm":
         out["loss_mask"] = tokens
@@ -156,7 +161,7 @@ def sharded_bytes(shapes, shardings) -> int:
                for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
 
 
-def activation_bytes(fn: Functional, loss_fn, batch: dict, tensor: int) -> int:
+def activation_bytes(fn: Functional, loss_fn, batch: dict, tensor: int, frozen_model: Functional | None = None) -> int:
     """Bytes of the residuals the backward pass keeps, for `batch` (one device's micro-batch).
 
     `jax.vjp` returns its residuals inside the backward function; under `jax.eval_shape` they are shapes
@@ -164,8 +169,10 @@ def activation_bytes(fn: Functional, loss_fn, batch: dict, tensor: int) -> int:
     parameter of the same shape and dtype). A residual dimension whose size is that of a dimension the
     `tensor` axis splits (heads, MLP width, vocabulary) is counted as split.
     """
+    second = () if frozen_model is None else (frozen_model.module(),)  # shapes only: nothing is compiled
+
     def residuals(params, frozen, b):
-        return jax.vjp(lambda p: loss_fn(fn.module(p, frozen), b, None)[0], params)[1]
+        return jax.vjp(lambda p: loss_fn(fn.module(p, frozen), b, None, *second)[0], params)[1]
 
     frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in fn.frozen.items()}
     leaves = [x for x in jax.tree.leaves(jax.eval_shape(residuals, fn.params, frozen, batch)) if hasattr(x, "shape")]
@@ -277,7 +284,8 @@ def compiled_memory(fn: Functional, tx, lr, loss, mesh, shard: dict, batch: dict
     return make_train_step(fn, loss, tx, lr, accum).lower(state, batch).compile().memory_analysis()
 
 
-def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None, margin: float = 0.9) -> int | None:
+def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None, margin: float = 0.9,
+              frozen_model: Functional | None = None) -> int | None:
     """Before training: log the estimated peak per device and warn when it exceeds `margin` of the memory
     `device` (default: the first local device) reports. Returns the estimate, or None where devices do
     not report their memory (CPU), in which case nothing is traced.
@@ -291,12 +299,13 @@ def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None,
         return None
     local = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree)
                              if hasattr(x, "addressable_shards"))
-    held, grads = local(state) + local(fn.frozen), local(state["params"])
+    second = frozen_model.frozen if frozen_model is not None else {}  # a reference model beside the state
+    held, grads = local(state) + local(fn.frozen) + local(second), local(state["params"])
     dp, accum = parallel.data_parallel_size(mesh), cfg.train.grad_accum
     sp = parallel.sequence_parallel_size(mesh)
     micro = batch_shapes(cfg.model.task, cfg.train.batch_size // (dp * accum), cfg.data.max_length // sp,
-                         cfg.data.packing)
-    acts = activation_bytes(fn, loss, micro, mesh.shape["tensor"])
+                         cfg.data.packing, cfg.train.objective)
+    acts = activation_bytes(fn, loss, micro, mesh.shape["tensor"], frozen_model)
     peak = held + grads * (2 if accum > 1 else 1) + acts
     log.info("memory per device (estimate): state %.2f GiB + gradients %.2f GiB + activations %.2f GiB = %.2f GiB "
              "of %.2f GiB", held / GiB, grads / GiB, acts / GiB, peak / GiB, limit / GiB)

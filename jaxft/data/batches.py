@@ -78,18 +78,28 @@ class Batches:
         return min(self.max_length, -(-int(lengths.max()) // self.multiple) * self.multiple)
 
     def collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        lengths = self.enc.lengths()[idx]
-        B, W = self.batch_size, self.width(lengths)
-        batch = {k: np.full((B, W), self.pad_id if k == "input_ids" else 0, np.int32) for k in self.enc.fields}
+        batch = self.pad(self.enc, idx, self.width(self.enc.lengths()[idx]))
+        batch.update(self.row_fields(idx))
+        return batch
+
+    def pad(self, enc: Encoded, idx: np.ndarray, W: int) -> dict[str, np.ndarray]:
+        """Examples `idx` of `enc` padded to `[batch_size, W]`, with their `attention_mask`."""
+        B, lengths = self.batch_size, enc.lengths()[idx]
+        batch = {k: np.full((B, W), self.pad_id if k == "input_ids" else 0, np.int32) for k in enc.fields}
         mask = np.zeros((B, W), np.int32)
         for r, i in enumerate(idx):
             n = int(lengths[r])
-            for k, v in self.enc.example(int(i)).items():
+            for k, v in enc.example(int(i)).items():
                 batch[k][r, :n] = v
             mask[r, :n] = 1
         if len(idx) < B:  # padding rows still attend to one token, so no row is fully masked
             mask[len(idx):, 0] = 1
         batch["attention_mask"] = mask
+        return batch
+
+    def row_fields(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """`weights` (1 for real rows), `example_ids` (-1 for padding rows) and the per-example arrays."""
+        B, batch = self.batch_size, {}
         batch["weights"] = (np.arange(B) < len(idx)).astype(np.float32)
         batch["example_ids"] = np.concatenate([idx, -np.ones(B - len(idx), np.int64)]).astype(np.int64)
         for k, v in self.per_example.items():

@@ -19,6 +19,10 @@ weight's whole spec.
 Dropout on the adapter input is active only when the train step provides a key (`adapter_dropout`);
 each adapter draws its own mask from (step key, layer index, adapter id), so looped and scanned layers
 draw the same masks.
+
+Inside `adapters_off()` every adapter contributes 0: the model computes its base alone. Preference
+objectives (`jaxft.train.preference`) use it for the reference pass of a LoRA run, inside the same jitted
+step, so the reference model costs no second copy of the weights.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ Array = jax.Array
 
 _KEY = contextvars.ContextVar("jaxft_adapter_dropout_key", default=None)
 _LAYER = contextvars.ContextVar("jaxft_adapter_layer", default=None)
+_OFF = contextvars.ContextVar("jaxft_adapters_off", default=False)
 _STREAM = 0x10A4  # separates adapter dropout from the model's own dropout draws
 
 
@@ -50,6 +55,16 @@ def adapter_dropout(key: Array | None):
         yield
     finally:
         _KEY.reset(token)
+
+
+@contextlib.contextmanager
+def adapters_off():
+    """Adapters called inside contribute 0 (the base model alone, e.g. a preference objective's reference)."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
 
 
 @contextlib.contextmanager
@@ -101,6 +116,8 @@ class LoRA(nnx.Module):
         return jax.random.fold_in(key, self.id)
 
     def __call__(self, x: Array) -> Array:
+        if _OFF.get():
+            return jnp.zeros((), self.dtype)  # broadcasts onto the layer's output: y + 0
         key = self._dropout_key()
         if key is not None:
             keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
@@ -117,4 +134,4 @@ class LoRA(nnx.Module):
             ins, rest = eq.split(",")
             outs, kernel = rest.split("->")
             eq = f"l{ins},l{outs}->l{kernel}"
-        return jnp.einsum(eq, a, b) * self.scale
+        return jnp.einsum(eq, a, b) * (0.0 if _OFF.get() else self.scale)

@@ -135,9 +135,11 @@ class Trainer:
             self.stopper = EarlyStopper(self.metric, mode, patience, **meta["early_stopping"])
             log.info("resumed from step %d of %s", resume, self.run_dir)
         self.step = int(resume or 0)
-        preflight(cfg, self.fn, self.state, self.mesh, self.task.loss)  # warns before an OOM would happen
-        self.train_step = make_train_step(self.fn, self.task.loss, tx, lr, cfg.train.grad_accum)
-        self.eval_step = make_eval_step(self.fn, self.task.loss)
+        # a frozen second model beside the train state (a preference objective's reference), or None
+        self.frozen_model = second = self.task.frozen_model(lambda: self.fn)  # fn still holds the starting point
+        preflight(cfg, self.fn, self.state, self.mesh, self.task.loss, frozen_model=second)  # warns before an OOM
+        self.train_step = make_train_step(self.fn, self.task.loss, tx, lr, cfg.train.grad_accum, second)
+        self.eval_step = make_eval_step(self.fn, self.task.loss, second)
         if jax.process_index() == 0:  # every refusal comes before this point: the run directory is written from here
             start_run_log(self.run_dir)
             save_config(cfg, self.run_dir / "config.yaml")

@@ -15,6 +15,11 @@ Gradient accumulation splits the batch into `grad_accum` micro-batches, sums the
 *sums* in a `lax.scan`, and divides once by the total weight: the update equals the large-batch one.
 Micro-batch j takes rows j, j+n, j+2n, ... of the batch, so each device's micro-batch rows are already
 on it (a contiguous split would move rows between devices).
+
+An objective may hold a frozen second model beside the train state (a preference objective's reference,
+`jaxft.train.preference`): a `Functional` whose variables are all frozen. Its arrays are passed to the jitted
+steps as an argument of their own, like the model's frozen ones (never donated, never in the optimizer), and
+the loss receives the rebuilt module as a fourth argument: `loss_fn(model, batch, rng, frozen_model)`.
 """
 
 from __future__ import annotations
@@ -113,12 +118,18 @@ def _constrain_batch(batch: dict) -> dict:
     return jax.tree.map(lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
 
 
+def _second(frozen_model: Functional | None, arrays: dict) -> tuple:
+    """The extra loss argument: the frozen second model rebuilt from its arrays, or nothing."""
+    return () if frozen_model is None else (frozen_model.module({}, arrays),)
+
+
 def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransformation,
-                    lr: optax.Schedule, grad_accum: int = 1) -> Callable:
+                    lr: optax.Schedule, grad_accum: int = 1, frozen_model: Functional | None = None) -> Callable:
     def loss_and_grad(params, frozen, batch, key):
+        frozen, held = frozen
         def f(p):
             with adapter_dropout(key):  # LoRA dropout (training only; evaluation passes no key)
-                loss_sum, aux = loss_fn(fn.module(p, frozen), batch, key)
+                loss_sum, aux = loss_fn(fn.module(p, frozen), batch, key, *_second(frozen_model, held))
             return loss_sum, {k: v for k, v in aux.items() if k != "logits"}  # sums only, no per-example outputs
         return jax.value_and_grad(f, has_aux=True)(params)
 
@@ -168,25 +179,30 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
         jitted = jax.jit(step, donate_argnums=0)
     else:
         jitted = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
-    return _with_frozen(jitted, fn)
+    return _with_frozen(jitted, fn, frozen_model)
 
 
-def make_eval_step(fn: Functional, loss_fn: Callable) -> Callable:
+def make_eval_step(fn: Functional, loss_fn: Callable, frozen_model: Functional | None = None) -> Callable:
     """`(params, batch) -> (loss_sum, aux)`, deterministic (no dropout)."""
     def step(params, batch, frozen):
+        frozen, held = frozen
         with parallel.activate(fn.mesh):
-            return loss_fn(fn.module(params, frozen), batch, None)
+            return loss_fn(fn.module(params, frozen), batch, None, *_second(frozen_model, held))
 
-    return _with_frozen(jax.jit(step), fn)
+    return _with_frozen(jax.jit(step), fn, frozen_model)
 
 
-def _with_frozen(jitted: Callable, fn: Functional) -> Callable:
-    """`f(a, batch)` calling `jitted(a, batch, fn.frozen)`; `.jitted` and `.lower` reach the jitted one."""
+def _with_frozen(jitted: Callable, fn: Functional, frozen_model: Functional | None = None) -> Callable:
+    """`f(a, batch)` calling `jitted(a, batch, (fn.frozen, frozen model's arrays))`; `.jitted` and `.lower`
+    reach the jitted one."""
+    def frozen():
+        return fn.frozen, {} if frozen_model is None else frozen_model.frozen
+
     def call(a, batch):
-        return jitted(a, batch, fn.frozen)
+        return jitted(a, batch, frozen())
 
     call.jitted = jitted
-    call.lower = lambda a, batch: jitted.lower(a, batch, fn.frozen)
+    call.lower = lambda a, batch: jitted.lower(a, batch, frozen())
     return call
 
 

@@ -1,11 +1,16 @@
-"""What differs between tasks, behind one small interface the loop uses:
+"""What differs between objectives and tasks, behind one small interface the loop uses:
 
     task.splits             {"train" | "validation" | "test": Batches}
     task.model_kwargs       extra `load_model` arguments (e.g. num_labels)
-    task.loss               the loss function (jaxft.train.losses)
+    task.loss               the loss function (jaxft.train.losses): sums and their weight
+    task.frozen_model(start)  a frozen second model held beside the train state (a reference), or None;
+                            `start()` gives the policy's starting point as a `Functional`
     task.train_metrics(s)   log metrics from step-metric sums over a logging window
     task.evaluate(...)      metrics over a whole split
     task.export_kwargs      extra `save_pretrained` arguments (labels, chat template)
+
+`train.objective` picks the class (`OBJECTIVES`): `supervised` is the model head's own loss (`TASKS`, by
+`model.task`); dpo, ipo, simpo and orpo train a causal LM on preference pairs (`jaxft.train.preference`).
 """
 
 from __future__ import annotations
@@ -22,12 +27,21 @@ from jaxft.data.batches import Batches, to_device
 from jaxft.train.evaluate import evaluate_classification
 from jaxft.models.moe import RouterStats, router_metrics
 from jaxft.train.losses import classification_loss, make_causal_lm_loss
+from jaxft.train.preference import PreferenceObjective
 from jaxft.train.run import read_labels, write_json
 
 log = logging.getLogger("jaxft")
 
 
-class ClassificationTask:
+class Supervised:
+    """Supervised objectives: the loss of the model's head, no second model."""
+
+    @staticmethod
+    def frozen_model(start):
+        return None
+
+
+class ClassificationTask(Supervised):
     loss = staticmethod(classification_loss)
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
@@ -48,7 +62,7 @@ class ClassificationTask:
         return evaluate_classification(eval_step, params, self.splits[split], mesh, len(self.label_map))
 
 
-class CausalLMTask:
+class CausalLMTask(Supervised):
     model_kwargs: dict = {}
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
@@ -83,11 +97,14 @@ def evaluate_causal_lm(eval_step, params, batches: Batches, mesh) -> dict:
 
 
 TASKS = {"sequence-classification": ClassificationTask, "causal-lm": CausalLMTask}
+OBJECTIVES = {"supervised": lambda cfg, *a: TASKS[cfg.model.task](cfg, *a),
+              **{kind: PreferenceObjective for kind in ("dpo", "ipo", "simpo", "orpo")}}
 
 
 def make_task(cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
-    """The task of `cfg.model.task` with its data built; `splits` limits which splits are read."""
-    return TASKS[cfg.model.task](cfg, tokenizer, run_dir, resuming, splits)
+    """The objective of `cfg.train.objective` (for `supervised`, the task of `cfg.model.task`) with its data
+    built; `splits` limits which splits are read."""
+    return OBJECTIVES[cfg.train.objective](cfg, tokenizer, run_dir, resuming, splits)
 
 
 def param_count(params: dict) -> int:
