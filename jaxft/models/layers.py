@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.models.dropout import dropout, keep_mask  # noqa: F401  (re-exported: every layer's dropout)
 from jaxft.models.lora import layer_scope
 from jaxft.parallel import constrain
 
@@ -279,14 +280,6 @@ class Keys:
         if self.key is None:
             return Keys(None)
         return Keys(jax.random.fold_in(jax.random.fold_in(self.key, _LAYER_STREAM), i))
-
-
-def dropout(x: Array, rate: float, key: Array | None) -> Array:
-    """Inverted dropout; the identity when `key` is None (evaluation) or `rate` is 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.models.dropout import dropout, keep_mask
+
 Array = jax.Array
 
 _KEY = contextvars.ContextVar("jaxft_adapter_dropout_key", default=None)
@@ -118,10 +120,7 @@ class LoRA(nnx.Module):
     def __call__(self, x: Array) -> Array:
         if _OFF.get():
             return jnp.zeros((), self.dtype)  # broadcasts onto the layer's output: y + 0
-        key = self._dropout_key()
-        if key is not None:
-            keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+        x = dropout(x, self.rate, self._dropout_key())
         h = jnp.einsum(self.down, x, self.a[...].astype(self.dtype))
         return jnp.einsum(self.up, h, self.b[...].astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)
 
