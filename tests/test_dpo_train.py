@@ -168,9 +168,10 @@ def test_preference_objectives_compose_with_grad_accumulation(tmp_path, kind):
 
 
 @pytest.mark.slow
-def test_dpo_full_fine_tuning_resume_is_exact(tmp_path):
+def test_dpo_full_fine_tuning_resume_is_exact(tmp_path, capsys):
     """Full fine-tuning DPO stopped at step 3 and resumed to 6 ends bitwise equal to a run straight to 6: the
-    resumed run's reference is the base it started from, not the checkpoint it resumed."""
+    resumed run's reference is the base it started from, not the checkpoint it resumed. `jaxft eval` of the
+    run takes the base as reference too (with the trained model as its own reference every reward would be 0)."""
     base = save_base(tmp_path / "base")
     train, heldout = preference_rows(tmp_path)
     common = [str(ROOT / "configs" / "dpo_chat_lora.yaml"), f"model.name_or_path={base}", "model.dtype=float32",
@@ -190,3 +191,8 @@ def test_dpo_full_fine_tuning_resume_is_exact(tmp_path):
     straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     key = lambda rows: [(r["step"], r["rewards/margins"]) for r in rows if r["split"] == "train"]
     assert key(logged) == key(straight) and key(straight)[0][1] == 0.0 and key(straight)[-1][1] > 0
+    capsys.readouterr()
+    assert main(["eval", *common, f"data.validation={heldout}", f"checkpoint={tmp_path / 'straight'}"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["validation"]
+    assert evaluated["pairs"] == len(RULE) * 4 and evaluated["rewards/margins"] > 0
+    assert evaluated["rewards/chosen"] != 0 and evaluated["rewards/rejected"] != 0
