@@ -127,6 +127,7 @@ def _pair_batch(tok, n: int = 6):
     return {k: jnp.asarray(v) for k, v in batch.items() if k != "example_ids"}
 
 
+@pytest.mark.slow  # ~75-90 s each on the shared 2-core machine under load
 @pytest.mark.parametrize("kind", ["dpo", "orpo"])
 def test_preference_objectives_compose_with_grad_accumulation(tmp_path, kind):
     """Two steps with grad_accum=4 (micro-batches of unequal weight: padding rows) equal grad_accum=1 on the same
