@@ -64,7 +64,9 @@ def cmd_eval(args) -> None:
     from jaxft.train.model import load_run_model
     from jaxft.train.step import Functional, make_eval_step
     from jaxft.train.tasks import make_task
+    from jaxft.compilation import enable_persistent_cache
 
+    enable_persistent_cache()
     run = [o.split("=", 1)[1] for o in args.overrides if o.startswith("checkpoint=")]
     overrides = [o for o in args.overrides if not o.startswith("checkpoint=")]
     if not run:
@@ -132,6 +134,9 @@ def cmd_generate(args) -> None:
     else:
         check_model(args.model_dir, "causal-lm")
     setup_logging()
+    from jaxft.compilation import enable_persistent_cache
+
+    enable_persistent_cache()
     print(generate_text(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat))
 

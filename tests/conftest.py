@@ -43,6 +43,20 @@ def minilm_path() -> Path:
     return Path(mod.get_model_path())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def xla_cache(tmp_path_factory):
+    """One persistent compilation cache for the whole test run (shared by the xdist workers and by the
+    CLI runs the tests start), so a program compiled by one test is read back by the next, never from a
+    developer's own ~/.cache/jaxft."""
+    from jaxft.compilation import enable_persistent_cache
+
+    if os.environ.get("JAXFT_XLA_CACHE", "").lower() != "off":  # off: measure the suite without it
+        root = tmp_path_factory.getbasetemp()
+        folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "xla-cache"
+        os.environ["JAXFT_XLA_CACHE"] = str(folder)
+    yield enable_persistent_cache()
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return minilm_path()

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxft import parallel
+from jaxft.compilation import CompileCounter, enable_persistent_cache
 from jaxft.config import Config, ConfigError, save_config
 from jaxft.data.batches import Position, to_device
 from jaxft.hf.load import read_hf_config, resolve
@@ -90,12 +91,38 @@ def _fault_steps() -> set[int]:
     return {int(s) for s in os.environ.get("JAXFT_FAULT_NAN_STEPS", "").split(",") if s.strip()}
 
 
+class Window:
+    """Throughput of one logging window: examples and real (non-padding) tokens per second of the time
+    spent outside compilation, with the compilation seconds reported apart."""
+
+    def __init__(self, compiles: CompileCounter):
+        self.compiles, self.t0, self.c0 = compiles, time.perf_counter(), compiles.read()["seconds"]
+        self.examples = self.tokens = 0
+
+    def add(self, batch: dict) -> None:
+        real = batch["weights"] > 0
+        self.examples += int(batch["weights"].sum())
+        if "attention_mask" in batch:
+            self.tokens += int(batch["attention_mask"][real].sum())
+
+    def close(self) -> dict:
+        compile_s = self.compiles.read()["seconds"] - self.c0
+        busy = max(time.perf_counter() - self.t0 - compile_s, 1e-9)
+        row = {"examples_per_s": self.examples / busy}
+        if self.tokens:
+            row["tokens_per_s"] = self.tokens / busy
+        if compile_s > 0:
+            row["compile_s"] = compile_s
+        return row
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         if cfg.data.train is None:
             raise ConfigError("data.train is required for training")
         self.cfg, self.run_dir = cfg, Path(cfg.output_dir)
         parallel.initialize_from_config(cfg.mesh)  # jax.distributed on multi-host runs; before JAX starts
+        self.xla_cache = enable_persistent_cache()  # before the first compilation
         setup_logging(self.run_dir, defer=True)  # train.log is written from start_run_log on
         self.mesh = parallel.make_mesh(cfg.mesh.model_dump())
         check_batch(cfg, self.mesh)
@@ -170,7 +197,7 @@ class Trainer:
                 "early_stopping": self.stopper.to_json(), "config": self.cfg.to_dict(), "base": self.base}
         self.ckpts.save(self.step, self.state, meta, metrics)
 
-    def log_window(self, pending: list, ids: list, seen: int, t0: float) -> None:
+    def log_window(self, pending: list, ids: list, window: "Window") -> None:
         """Reduce the window's step metrics (one host sync), write them, react to bad steps."""
         host = jax.device_get(pending)
         skipped = [(s, i) for (s, i), m in zip(ids, host) if not m["finite"]]
@@ -183,7 +210,7 @@ class Trainer:
             row = self.task.train_metrics(sums, len(good))
             self.spikes.check(self.step, row["loss"])
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{float(host[-1]['lr']):.2e}")
-        row.update(lr=float(host[-1]["lr"]), examples_per_s=seen / (time.perf_counter() - t0))
+        row.update(lr=float(host[-1]["lr"]), **window.close())
         if skipped:
             row["skipped_steps"] = len(skipped)
         self.logger.write(self.step, "train", row)
@@ -205,16 +232,17 @@ class Trainer:
                  (total - self.step) / len(self.batches), len(self.batches), trained,
                  f" ({trained / (trained + frozen):.2%} of {trained + frozen})" if frozen else "")
         guard, poison = PreemptionGuard(), _fault_steps()
+        self.compiles = CompileCounter()  # train and eval programs compiled (or read from the cache) from here on
         batch_log = open(self.run_dir / "batches.jsonl", "a") if cfg.train.log_batches and \
             jax.process_index() == 0 else None
         self.bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                         disable=None if jax.process_index() == 0 else True)
-        pending, ids, t0, seen = [], [], time.perf_counter(), 0
+        pending, ids, window = [], [], Window(self.compiles)
         stop, last_eval, every = False, None, cfg.checkpoint.every
         try:
             while self.step < total and not stop:
                 batch = self.batches.next()
-                seen += int(batch["weights"].sum())
+                window.add(batch)
                 if self.step + 1 in poison:
                     batch["weights"] = np.full_like(batch["weights"], np.nan)
                 self.state, metrics = self.train_step(self.state, to_device(batch, self.mesh))
@@ -226,8 +254,8 @@ class Trainer:
                     batch_log.flush()
                 self.bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
-                    self.log_window(pending, ids, seen, t0)
-                    pending, ids = [], []
+                    self.log_window(pending, ids, window)
+                    pending, ids, window = [], [], Window(self.compiles)
                 eval_now = "validation" in self.task.splits and (
                     self.step == total or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0))
                 last_eval = self.evaluate("validation", self.state["params"]) if eval_now else None
@@ -241,7 +269,7 @@ class Trainer:
                     self.checkpoint(last_eval)
                 if halt:
                     if pending:
-                        self.log_window(pending, ids, seen, t0)
+                        self.log_window(pending, ids, window)
                     self.ckpts.wait()
                     if preempted:
                         raise Preempted(f"preempted at step {self.step}: checkpoint written to "
@@ -260,7 +288,10 @@ class Trainer:
             self.logger.close()
 
     def summary(self, last_eval: dict | None) -> dict:
-        out = {"step": self.step, "run_dir": str(self.run_dir)}
+        c = self.compiles.read()
+        log.info("compiled %d program(s) %s and read %d from the persistent compilation cache (%s) in %.1f s",
+                 c["compiles"], c["by_program"] or "", c["cache_hits"], self.xla_cache or "off", c["seconds"])
+        out = {"step": self.step, "run_dir": str(self.run_dir), "compilation": c}
         if last_eval is not None or self.stopper.best is not None:
             out["eval"] = last_eval
             out["best"] = self.stopper.to_json()

@@ -133,7 +133,7 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
             return loss_sum, {k: v for k, v in aux.items() if k != "logits"}  # sums only, no per-example outputs
         return jax.value_and_grad(f, has_aux=True)(params)
 
-    def step(state, batch, frozen):
+    def train_step(state, batch, frozen):  # (the jitted program's name in compile logs and counts)
         with parallel.activate(fn.mesh):
             return _step(state, batch, frozen)
 
@@ -180,20 +180,20 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
     shardings = state_shardings(fn, tx)
     # The train state is donated (updated in place); the frozen parameters are read, never donated.
     if shardings is None:
-        jitted = jax.jit(step, donate_argnums=0)
+        jitted = jax.jit(train_step, donate_argnums=0)
     else:
-        jitted = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+        jitted = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, None))
     return _with_frozen(jitted, fn, frozen_model)
 
 
 def make_eval_step(fn: Functional, loss_fn: Callable, frozen_model: Functional | None = None) -> Callable:
     """`(params, batch) -> (loss_sum, aux)`, deterministic (no dropout)."""
-    def step(params, batch, frozen):
+    def eval_step(params, batch, frozen):
         frozen, held = frozen
         with parallel.activate(fn.mesh):
             return loss_fn(fn.module(params, frozen), batch, None, *_second(frozen_model, held))
 
-    return _with_frozen(jax.jit(step), fn, frozen_model)
+    return _with_frozen(jax.jit(eval_step), fn, frozen_model)
 
 
 def _with_frozen(jitted: Callable, fn: Functional, frozen_model: Functional | None = None) -> Callable:
