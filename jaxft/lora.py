@@ -8,8 +8,15 @@ Targets are chosen by Hugging Face module name, so a regex written for `peft` me
 `targets` matches the end of a module name at a dot boundary (`q_proj|v_proj` hits
 `model.layers.3.self_attn.q_proj`), and `all-linear` means every linear layer of the model except the
 output head (`lm_head`, `classifier`), as peft's `all-linear`. A module's HF name comes from the family's
-name table (the rule of its kernel), which also gives the layout peft stores its adapter in. Routed MoE
-experts are not linear layers in `transformers` (fused expert tensors) and are never targeted.
+name table (the rule of its kernel), which also gives the layout peft stores its adapter in.
+
+DeepSeek's routed experts are linear modules by their checkpoint names (`mlp.experts.E.gate_proj`, one per
+expert; `transformers` 5 fuses them in memory), so a regex naming them (`experts\..*`) or `all-linear`
+adapts them: one adapter per expert, stacked along the kernel's `expert` axis (`jaxft.models.moe.Stacked`).
+With peft 0.21 and transformers 5, peft's `all-linear` on DeepSeek adapts the routed experts and the
+router but not the dense MLP or the shared experts (its v4→v5 name remapping sends every `*_proj` name to
+the fused experts); jaxft's adapts every linear module by name (attention, dense MLP, shared and routed
+experts) and never the router, whose output is a discrete choice.
 
 `train_modules` (peft's `modules_to_save`) names modules trained in full next to the adapters: by default
 the classification head of a sequence-classification model, since a new head must learn.
@@ -47,6 +54,7 @@ DEFAULT_TRAIN_MODULES = {"sequence-classification": "classifier", "causal-lm": N
 PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 # model types whose MLP projection names peft (0.21) maps onto fused expert parameters when loading
 PEFT_MOE_REMAPPED = ("deepseek_v2", "deepseek_v3")
+ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -97,15 +105,15 @@ def _suffix_regex(expr: str, key: str) -> re.Pattern:
 
 
 def _hf_names(rule, idx: dict, shape: tuple[int, ...]) -> list[str]:
-    """The HF module names of a kernel's slices: one, or one per index of its stacked axes."""
+    """The HF module names of a kernel's slices: one, or one per index of its stacked axes (a scanned
+    stack's layers, the routed experts, or both), in the order of the kernel's leading axes."""
     module = _fill(rule.hf, idx)
     if not module.endswith(".weight"):
         return []
-    module = module[: -len(".weight")]
-    if not rule.stacked:
-        return [module]
-    (axis,) = rule.stacked  # a scanned layer stack; experts are not Dense layers
-    return [_fill(module, {axis: str(j + rule.offset(axis))}) for j in range(shape[0])]
+    names = [module[: -len(".weight")]]
+    for axis, n in zip(rule.stacked, shape):
+        names = [_fill(m, {axis: str(j + rule.offset(axis))}) for m in names for j in range(n)]
+    return names
 
 
 def linear_layers(model: nnx.Module, table) -> list[tuple[str, Dense, object, list[str]]]:
@@ -187,16 +195,17 @@ def apply_lora(model: nnx.Module, spec: LoraSpec, *, mesh=None, seed: int = 0) -
         if not any(hits):
             continue
         if not all(hits):
-            raise ValueError(f"model.lora.targets={spec.targets!r} matches only some layers of the scanned stack "
-                             f"{dotted} ({sum(hits)} of {len(hits)}); target whole stacks or set "
+            raise ValueError(f"model.lora.targets={spec.targets!r} matches only some slices of the stacked "
+                             f"kernel {dotted} ({sum(hits)} of {len(hits)} modules, e.g. {names[hits.index(True)]}): "
+                             f"target all the routed experts of a projection, and whole layer stacks or set "
                              f"model.scan_layers=false")
-        stacked = shape[0] if rule.stacked else None
-        n = len(rule.stacked)
+        n = len(rule.stacked)  # leading stacked axes: a scanned stack's `layers`, the routed experts' `expert`
         adapter_id = zlib.crc32(rule.hf.encode())
         # adapters train in float32 over a quantised (QLoRA) base
         param_dtype = jnp.float32 if module.quant is not None else dtype
         build = lambda: LoRA(module.einsum, tuple(shape[n:]), axes[n:], spec.rank, spec.alpha,  # noqa: E731
-                             rslora=spec.rslora, dropout=spec.dropout, adapter_id=adapter_id, stacked=stacked,
+                             rslora=spec.rslora, dropout=spec.dropout, adapter_id=adapter_id,
+                             lead=tuple(shape[:n]), lead_axes=tuple(axes[:n]),
                              dtype=module.dtype, param_dtype=param_dtype,
                              key=jax.random.fold_in(key, zlib.crc32(dotted.encode())))
         if _abstract(module):
@@ -257,8 +266,8 @@ def adapter_tensors(model: nnx.Module, adapters: Adapters) -> dict[str, np.ndarr
     for t in adapters.targets:
         lora = _module_at(model, t.path).lora
         a, b = to_host(lora.a.get_value()), to_host(lora.b.get_value())
-        if a.ndim == len(lora.delta_einsum.split(",")[0]):  # not a stack: one module
-            a, b = a[None], b[None]
+        lead = a.ndim - len(lora.delta_einsum.split(",")[0])  # stacked axes (layers, experts): one module each
+        a, b = a.reshape((-1,) + a.shape[lead:]), b.reshape((-1,) + b.shape[lead:])
         r = a.shape[-1]
         for j, name in enumerate(t.hf_names):
             out[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a[j].reshape(-1, r).T)
@@ -277,25 +286,16 @@ def save_adapter(model: nnx.Module, adapters: Adapters, out_dir: str | os.PathLi
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    mt = model.hf_config["model_type"]
-    misrouted = sorted(n for t in adapters.targets for n in t.hf_names
-                       if mt in PEFT_MOE_REMAPPED and n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"))
-    if misrouted:
-        raise ValueError(
-            f"cannot write a peft adapter for {len(misrouted)} MLP module(s) of this {mt} model (e.g. "
-            f"{misrouted[0]}): peft's loader for transformers-5 MoE models re-targets every *gate_proj / up_proj / "
-            f"down_proj at the fused routed experts, so the adapter would be silently misapplied. Export the "
-            f"merged model (without --adapter), or train with model.lora.targets limited to attention "
-            f"(e.g. 'self_attn\\..*')")
+    spec = adapters.spec
+    dropout = _check_peft_moe(model.hf_config["model_type"], adapters)
     tensors = adapter_tensors(model, adapters)
     if jax.process_index() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    spec = adapters.spec
     targets = sorted(n for t in adapters.targets for n in t.hf_names)
     config = {
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[adapters.task], "r": spec.rank,
-        "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
+        "lora_alpha": spec.alpha, "lora_dropout": dropout, "use_rslora": spec.rslora,
         "target_modules": targets, "modules_to_save": adapters.train_modules or None,
         "fan_in_fan_out": any(t.conv1d for t in adapters.targets), "bias": "none",
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "init_lora_weights": True,
@@ -305,6 +305,49 @@ def save_adapter(model: nnx.Module, adapters: Adapters, out_dir: str | os.PathLi
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def _check_peft_moe(model_type: str, adapters: Adapters) -> float:
+    """Refuse a DeepSeek adapter that peft (0.21, with transformers 5) would load wrongly; return the
+    `lora_dropout` to record.
+
+    peft loads per-expert adapters (`mlp.experts.E.gate_proj.lora_A.weight`, ...) by converting them onto the
+    fused expert tensors of transformers 5: `down_proj` per expert, `gate_proj` + `up_proj` fused into
+    `gate_up_proj` with rank 2r and alpha 2·alpha (checked: logits within 1e-4 of the merged model). That
+    conversion also claims every other `gate_proj`/`up_proj`/`down_proj` name, so adapters on the dense MLP
+    or the shared experts would be dropped; 2·alpha/√(2r) ≠ alpha/√r, so rslora would scale the fused
+    pair by √2; and gate without up cannot be fused. Its fused-expert layer also refuses `lora_dropout`
+    ≠ 0: dropout does not act at inference, so such an adapter records 0.0.
+    """
+    dropout = adapters.spec.dropout
+    if model_type not in PEFT_MOE_REMAPPED:
+        return dropout
+    names = [n for t in adapters.targets for n in t.hf_names]
+    mlp = sorted(n for n in names if n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"))
+    routed = {m.group(1) for m in map(ROUTED_EXPERT.search, mlp) if m}
+    misrouted = [n for n in mlp if not ROUTED_EXPERT.search(n)]
+    merged = "export the merged model instead (jaxft export RUN OUT, without --adapter)"
+    if misrouted:
+        raise ValueError(
+            f"cannot write a peft adapter for {len(misrouted)} dense-MLP / shared-expert module(s) of this "
+            f"{model_type} model (e.g. {misrouted[0]}): peft's loader for transformers-5 MoE models re-targets "
+            f"every gate_proj / up_proj / down_proj name at the fused routed experts, so these adapters would be "
+            f"silently dropped. {merged[0].upper() + merged[1:]}, or train with model.lora.targets limited to "
+            f"attention and routed experts (e.g. 'self_attn\\..*|experts\\..*')")
+    if len(routed & {"gate_proj", "up_proj"}) == 1:
+        raise ValueError(
+            f"cannot write a peft adapter with routed-expert {sorted(routed)} but not both gate_proj and up_proj: "
+            f"peft fuses the two into transformers 5's gate_up_proj and refuses one alone; {merged}")
+    if routed & {"gate_proj", "up_proj"} and adapters.spec.rslora:
+        raise ValueError(
+            f"cannot write a peft adapter of {model_type}'s routed experts with model.lora.rslora=true: peft "
+            f"fuses gate_proj and up_proj with rank 2r and alpha 2·alpha, which scales them by 2·alpha/√(2r) = "
+            f"√2·alpha/√r instead of alpha/√r; {merged}")
+    if routed and dropout:
+        log.warning("adapter_config.json records lora_dropout 0.0 (trained with %s): peft's fused-expert LoRA "
+                    "layer refuses dropout, which does not act at inference", dropout)
+        return 0.0
+    return dropout
 
 
 def base_fingerprint(folder: str | os.PathLike) -> str:

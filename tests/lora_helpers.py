@@ -81,14 +81,21 @@ def _peft_logits(base_dir: Path, adapter_dir: Path, ids, mask, classify: bool = 
 
 def check_causal_lora(tmp_path, variant: str, scan: bool) -> None:
     """LoRA on a causal LM: fresh adapters exact; randomised ones match peft (adapter export) and
-    transformers (merged export) within 1e-4, and peft's logits differ from the base's."""
+    transformers (merged export) within 1e-4, and peft's logits differ from the base's.
+
+    DeepSeek: attention and the routed experts (one adapter per expert, which peft loads onto transformers'
+    fused experts); peft cannot hold adapters on its dense MLP / shared experts (see
+    test_deepseek_all_linear), and its fused-expert layer refuses dropout, so the trained dropout is
+    recorded as 0.0."""
     src = _save(variant, tmp_path / "base")
     ids, mask = padded_batch()
     model = jaxft.load_model(src, task="causal-lm", scan_layers=scan)
     base = np.asarray(model(ids, attention_mask=mask))
-    # peft cannot hold adapters on DeepSeek's dense MLP / shared experts (see test_deepseek_all_linear)
-    targets = r"self_attn\..*" if variant.startswith("deepseek") else "all-linear"
-    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets))
+    deepseek = variant.startswith("deepseek")
+    targets = r"self_attn\..*|experts\..*" if deepseek else "all-linear"
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets, dropout=0.1 if deepseek else 0.0))
+    if deepseek:
+        assert any(".mlp.experts.7.down_proj" in n for t in adapters.targets for n in t.hf_names)
     assert np.array_equal(np.asarray(model(ids, attention_mask=mask)), base), "a fresh adapter changed the logits"
     randomise_adapters(model)
     lora = np.asarray(model(ids, attention_mask=mask))
@@ -98,6 +105,7 @@ def check_causal_lora(tmp_path, variant: str, scan: bool) -> None:
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4
     assert cfg["fan_in_fan_out"] == variant.startswith("gpt2")
+    assert cfg["lora_dropout"] == 0.0
     plain, adapted = _peft_logits(src, tmp_path / "adapter", ids, mask)
     assert max_diff(adapted, lora, mask) <= TOL
     assert max_diff(adapted, plain, mask) > 1e-2, "peft ignored the adapter"

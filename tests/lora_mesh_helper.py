@@ -1,6 +1,6 @@
 """Run in a subprocess with 8 simulated CPU devices (tests/test_lora.py::test_lora_on_a_mesh_equals_one_device).
 
-argv: a JSON list of cases `{"folder", "mesh", "quantize"}` and the output JSON path. For each case, trains
+argv: a JSON list of cases `{"folder", "mesh", "quantize", "dropout"}` and the output JSON path. For each case, trains
 LoRA (QLoRA with `quantize`) 3 steps unsharded and on the mesh; writes the losses, the adapters' sharding
 specs next to their base kernels', and the max parameter difference.
 """
@@ -24,9 +24,9 @@ from jaxft.train.losses import causal_lm_loss
 from jaxft.train.step import Functional, init_state, make_train_step
 
 
-def train(folder: str, mesh, quantize=None):
+def train(folder: str, mesh, quantize=None, dropout=0.0):
     model = jaxft.load_model(folder, task="causal-lm", mesh=mesh, quantize=quantize)
-    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0), mesh=mesh)
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, dropout=dropout), mesh=mesh)
     fn = Functional(model, adapters.trainable)
     # B random too, so that every adapter contributes from the first step
     fn.params = {k: parallel.place(np.asarray(0.05 * jax.random.normal(jax.random.key(i), v.shape)), fn.axes[k], mesh)
@@ -54,8 +54,9 @@ def train(folder: str, mesh, quantize=None):
 def main(cases: str, out: str) -> None:
     results = []
     for case in json.loads(cases):
-        one, p1, _ = train(case["folder"], None, case.get("quantize"))
-        many, p8, specs = train(case["folder"], parallel.make_mesh(case["mesh"]), case.get("quantize"))
+        kw = dict(quantize=case.get("quantize"), dropout=case.get("dropout", 0.0))
+        one, p1, _ = train(case["folder"], None, **kw)
+        many, p8, specs = train(case["folder"], parallel.make_mesh(case["mesh"]), **kw)
         diff = max(float(np.abs(p1[k] - p8[k]).max()) for k in p1)
         results.append({"one": one, "many": many, "param_diff": diff, "specs": specs})
     with open(out, "w") as f:

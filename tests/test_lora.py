@@ -20,23 +20,56 @@ def test_causal_lm_lora_looped(tmp_path, variant):
 
 
 def test_deepseek_all_linear_merges_and_refuses_a_misrouted_peft_adapter(tmp_path):
-    """`all-linear` on DeepSeek also adapts the dense MLP and the shared experts: the merged export matches
-    transformers; a peft adapter of them is refused, since peft's MoE loader would put them on the routed
-    experts instead."""
+    """`all-linear` on DeepSeek adapts the dense MLP, the shared experts and every routed expert (stacked per
+    expert), never the router: the merged export matches transformers; every MoE dispatch (dense, blocks,
+    ragged_dot) gives the same logits, with adapter dropout too (the same masks per token and slot); a peft
+    adapter peft would load wrongly is refused, naming why: dense MLP / shared experts (peft's MoE loader
+    puts them on the routed experts), rslora or gate_proj without up_proj on the routed experts."""
+    import jax
+    from flax import nnx
+
+    from jaxft.models import moe
+    from jaxft.models.lora import adapter_dropout
+
     src = _save("deepseek-v3", tmp_path / "base")
     ids, mask = padded_batch()
     model = jaxft.load_model(src, task="causal-lm", scan_layers=True)
-    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0))
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, dropout=0.5))
     names = [n for t in adapters.targets for n in t.hf_names]
     assert "model.layers.0.mlp.gate_proj" in names and "model.layers.1.mlp.shared_experts.down_proj" in names
-    assert not any("experts.0" in n or n.endswith("mlp.gate") for n in names)
+    assert {f"model.layers.{i}.mlp.experts.{e}.{p}" for i in (1, 2) for e in range(8)
+            for p in ("gate_proj", "up_proj", "down_proj")} <= set(names)
+    assert not any(n.endswith("mlp.gate") for n in names)
+    assert model.model.layers.mlp.experts.up_proj.lora.a.shape == (2, 8, 32, 4)     # [L, E, D, r]
+    assert model.model.layers.mlp.experts.down_proj.lora.b.shape == (2, 8, 4, 32)   # [L, E, r, D]
     randomise_adapters(model)
-    lora = np.asarray(model(ids, attention_mask=mask))
+
+    def logits(impl, key=None):
+        for _, m in nnx.iter_modules(model):
+            if isinstance(m, moe.MoE):
+                m.impl = impl
+        with adapter_dropout(key):
+            return np.asarray(model(ids, attention_mask=mask))
+
+    for key in (None, jax.random.key(5)):
+        out = {impl: logits(impl, key) for impl in ("blocks", "dense", "ragged_dot")}
+        for impl in ("dense", "ragged_dot"):
+            assert max_diff(out[impl], out["blocks"], mask) <= 1e-5, (impl, key)
+    assert max_diff(out["blocks"], logits("blocks"), mask) > 1e-2, "adapter dropout had no effect"
+    lora = logits("blocks")
     with pytest.raises(ValueError, match="re-targets"):
         save_adapter(model, adapters, tmp_path / "adapter", str(src))
     merge(model, adapters)
     jaxft.save_pretrained(model, tmp_path / "merged")
     assert max_diff(hf_logits(load_hf(tmp_path / "merged"), ids, mask), lora, mask) <= TOL
+
+    for spec, why in ((LoraSpec(targets=r"experts\..*", rslora=True), "rslora"),
+                      (LoraSpec(targets=r"experts\.\d+\.(gate|down)_proj"), "both gate_proj and up_proj")):
+        model = jaxft.load_model(src, task="causal-lm")
+        with pytest.raises(ValueError, match=why) as e:
+            save_adapter(model, apply_lora(model, spec), tmp_path / "refused", str(src))
+        assert "merged" in str(e.value)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_all_linear_targets_match_peft(tmp_path):

@@ -152,7 +152,8 @@ def test_lora_on_a_mesh_equals_one_device(tmp_path):
     """On 8 simulated devices, LoRA training equals one device's (losses within 1e-4 relative, adapters
     within 1e-4), with every adapter sharded as its base kernel's input (A) and output (B) axes and the
     rank never sharded: a Llama on fsdp 4 × tensor 2, the same with an NF4 base (QLoRA), and DeepSeek-V3 on
-    fsdp 2 × expert 4."""
+    fsdp 2 × expert 4 (all-linear: MLA, dense MLP, shared and routed experts; adapter dropout on), whose
+    routed experts' adapters are split over the experts like their kernels."""
     import os
     import subprocess
     import sys
@@ -163,7 +164,7 @@ def test_lora_on_a_mesh_equals_one_device(tmp_path):
     deepseek = save_deepseek("v3", tmp_path / "deepseek")
     cases = [{"folder": str(llama), "mesh": {"fsdp": 4, "tensor": 2}},
              {"folder": str(llama), "mesh": {"fsdp": 4, "tensor": 2}, "quantize": "nf4"},
-             {"folder": str(deepseek), "mesh": {"fsdp": 2, "expert": 4}}]
+             {"folder": str(deepseek), "mesh": {"fsdp": 2, "expert": 4}, "dropout": 0.1}]
     out = tmp_path / "out.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, str(Path(__file__).parent / "lora_mesh_helper.py"), json.dumps(cases),
@@ -186,6 +187,12 @@ def test_lora_on_a_mesh_equals_one_device(tmp_path):
     assert ds["model.layers.1.self_attn.q_a_proj"]["a"] == "P('fsdp', None)"
     assert ds["model.layers.1.self_attn.kv_b_proj"]["a"] == "P('fsdp', None)"
     assert ds["model.layers.1.mlp.shared_experts.down_proj"]["b"] == "P(None, 'fsdp')"
+    # routed experts: one adapter per expert, split over `expert` like the kernel; A's model width (gate/up)
+    # and B's (down) over fsdp as the kernel's, the rank whole
+    assert ds["model.layers.1.mlp.experts.gate_proj"] == {
+        "kernel": "P('expert', 'fsdp', None)", "a": "P('expert', 'fsdp', None)", "b": "P('expert', None, None)"}
+    assert ds["model.layers.2.mlp.experts.down_proj"] == {
+        "kernel": "P('expert', None, 'fsdp')", "a": "P('expert', None, None)", "b": "P('expert', None, 'fsdp')"}
 
 
 @pytest.mark.slow

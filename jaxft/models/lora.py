@@ -12,7 +12,8 @@ changes nothing: the logits at step 0 are the base model's exactly. The adapters
 name tables skip them (they are jaxft-only; `jaxft.lora` writes them as a `peft` adapter instead).
 
 Shardings: `A` keeps the base kernel's input axes and `B` its output axes (a scanned stack's `layers`
-axis leads both); the rank axis `lora_rank` is never sharded. So an FSDP-sharded `embed` input stays
+axis and the routed experts' `expert` axis lead both: one adapter per layer and per expert); the rank
+axis `lora_rank` is never sharded. So an FSDP-sharded `embed` input stays
 sharded in `A`, a tensor-sharded `heads` output stays sharded in `B`, and neither ever takes the base
 weight's whole spec.
 
@@ -90,13 +91,15 @@ class LoRA(nnx.Module):
     """The adapter of one `Dense`: `scale · (dropout(x)·A)·B`, computed in the layer's dtype."""
 
     def __init__(self, einsum: str, kernel_shape, kernel_axes, rank: int, alpha: float, *, rslora: bool = False,
-                 dropout: float = 0.0, adapter_id: int = 0, stacked: int | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, key: Array):
+                 dropout: float = 0.0, adapter_id: int = 0, lead: tuple[int, ...] = (), lead_axes: tuple = (),
+                 dtype=jnp.float32, param_dtype=jnp.float32, key: Array):
+        """`einsum`, `kernel_shape`, `kernel_axes`: one layer's kernel; `lead`/`lead_axes`: the leading axes of
+        a stack of them (a scanned stack's `layers`, the routed experts' `expert`), one adapter per slice."""
         lhs, rhs, out, ins, outs = split_einsum(einsum)
         shape = dict(zip(rhs, kernel_shape))
         axes = dict(zip(rhs, kernel_axes))
         fan_in = math.prod(shape[c] for c in ins)
-        lead, lead_axes = ((stacked,), ("layers",)) if stacked else ((), ())
+        lead, lead_axes = tuple(lead), tuple(lead_axes)
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(key, lead + tuple(shape[c] for c in ins) + (rank,), jnp.float32, -bound, bound)
         self.a = LoRAParam(a.astype(param_dtype), logical_axes=lead_axes + tuple(axes[c] for c in ins) + ("lora_rank",))
@@ -117,6 +120,23 @@ class LoRA(nnx.Module):
         key = jax.random.fold_in(jax.random.fold_in(key, _STREAM), -1 if layer is None else layer)
         return jax.random.fold_in(key, self.id)
 
+    def input_mask(self, shape) -> Array | None:
+        """The dropout multiplier of an adapter input of `shape` (0 or 1/(1-p) per entry, in the compute
+        dtype), or None when no dropout applies (rate 0, evaluation). For code that applies the factors
+        itself (the routed experts' dispatch)."""
+        key = self._dropout_key()
+        if key is None:
+            return None
+        keep, scale = keep_mask(key, self.rate, shape)
+        return jnp.where(keep, jnp.asarray(scale, self.dtype), jnp.zeros((), self.dtype))
+
+    def factors(self) -> tuple[Array, Array] | None:
+        """`(A, scale·B)` in the compute dtype (with leading stacked axes, if any), or None inside
+        `adapters_off()`."""
+        if _OFF.get():
+            return None
+        return self.a[...].astype(self.dtype), self.b[...].astype(self.dtype) * jnp.asarray(self.scale, self.dtype)
+
     def __call__(self, x: Array) -> Array:
         if _OFF.get():
             return jnp.zeros((), self.dtype)  # broadcasts onto the layer's output: y + 0
@@ -125,12 +145,10 @@ class LoRA(nnx.Module):
         return jnp.einsum(self.up, h, self.b[...].astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)
 
     def delta(self, a: Array | None = None, b: Array | None = None) -> Array:
-        """`scale · A·B` in the base kernel's layout, float32 (a stacked adapter: one per layer)."""
+        """`scale · A·B` in the base kernel's layout, float32 (a stacked adapter: one per slice, e.g. per
+        layer and per expert)."""
         a = (self.a[...] if a is None else a).astype(jnp.float32)
         b = (self.b[...] if b is None else b).astype(jnp.float32)
-        eq = self.delta_einsum
-        if a.ndim > len(eq.split(",")[0]):  # a leading `layers` axis
-            ins, rest = eq.split(",")
-            outs, kernel = rest.split("->")
-            eq = f"l{ins},l{outs}->l{kernel}"
-        return jnp.einsum(eq, a, b) * (0.0 if _OFF.get() else self.scale)
+        ins, rest = self.delta_einsum.split(",")
+        outs, kernel = rest.split("->")
+        return jnp.einsum(f"...{ins},...{outs}->...{kernel}", a, b) * (0.0 if _OFF.get() else self.scale)

@@ -128,11 +128,49 @@ class Router(nnx.Module):
         return s, e, w * self.scale
 
 
-class Stacked(nnx.Module):
-    """One weight per expert, stacked: `kernel [E, I, O]` with axes `(expert, ...)`."""
+class Stacked(Dense):
+    """One linear layer per expert, stacked: `kernel [E, I, O]` with axes `(expert, ...)`; per expert the
+    `Dense` einsum `'NI,IO->NO'`.
 
-    def __init__(self, shape, axes, std, param_dtype, rngs: nnx.Rngs):
-        self.kernel = param(rngs, "normal", shape, ("expert",) + tuple(axes), param_dtype, std)
+    A `Dense` to everything that reads kernels: name tables, QLoRA storage (`quant`), LoRA adapters
+    (`lora`, stacked per expert: `a [E, I, r]`, `b [E, r, O]`) and merging. The MoE dispatch applies it
+    (`routed_experts`, through `ExpertWeights`); it is never called itself.
+    """
+
+    def __init__(self, shape, axes, std, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__("NI,IO->NO", shape, ("expert",) + tuple(axes), use_bias=False, std=std, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        raise TypeError("routed experts are applied by jaxft.models.moe.routed_experts, not called")
+
+    def weights(self, rows: tuple[int, int]) -> ExpertWeights:
+        """The kernel (dequantised if stored quantised) and, when adapted, the adapter's factors and the
+        dropout multiplier of its input for `rows = (N tokens, k slots)`, in the compute dtype."""
+        factors = None if self.lora is None else self.lora.factors()
+        if factors is None:
+            return ExpertWeights(self.weight())
+        a, b = factors
+        return ExpertWeights(self.weight(), a, b, self.lora.input_mask(rows + (a.shape[-2],)))
+
+
+class ExpertWeights(NamedTuple):
+    """One routed-expert projection as the dispatch applies it: `kernel [E, I, O]`, and with a LoRA
+    adapter its factors `a [E, I, r]`, `b [E, r, O]` (scale folded into `b`) and the dropout multiplier
+    of the adapter's input per (token, slot) `mask [N, k, I]` (None: no dropout). Row n·k + j of the
+    dispatch (token n, slot j, expert e = e[n, j]) computes
+
+        y = x·kernel[e] + ((x ⊙ mask[n, j])·a[e])·b[e]
+    """
+
+    kernel: Array
+    a: Array | None = None
+    b: Array | None = None
+    mask: Array | None = None
+
+
+def _as_weights(w) -> ExpertWeights:
+    return w if isinstance(w, ExpertWeights) else ExpertWeights(w)
 
 
 class Experts(nnx.Module):
@@ -140,10 +178,11 @@ class Experts(nnx.Module):
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-        std, pd = cfg.initializer_range, jnp.dtype(cfg.options.param_dtype)
-        self.gate_proj = Stacked((E, D, F), ("embed", "mlp"), std, pd, rngs)
-        self.up_proj = Stacked((E, D, F), ("embed", "mlp"), std, pd, rngs)
-        self.down_proj = Stacked((E, F, D), ("mlp", "embed"), std, pd, rngs)
+        kw = dict(std=cfg.initializer_range, dtype=jnp.dtype(cfg.options.dtype),
+                  param_dtype=jnp.dtype(cfg.options.param_dtype), rngs=rngs)
+        self.gate_proj = Stacked((E, D, F), ("embed", "mlp"), **kw)
+        self.up_proj = Stacked((E, D, F), ("embed", "mlp"), **kw)
+        self.down_proj = Stacked((E, F, D), ("mlp", "embed"), **kw)
 
 
 def block_size(rows: int, experts: int) -> int:
@@ -157,13 +196,21 @@ def block_size(rows: int, experts: int) -> int:
     return int(min(128, 2 ** math.floor(math.log2(max(1, rows // (2 * m))))))
 
 
-def _ffn_ragged(xs, sizes, gate, up, down, act):
-    """`'RD,EDF->RF'` on each expert's rows with `jax.lax.ragged_dot` (rows sorted by expert)."""
-    h = act(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-    return jax.lax.ragged_dot(h, down, sizes)
+def _ffn_ragged(xs, sizes, gate, up, down, act, masks):
+    """`'RD,EDF->RF'` on each expert's rows with `jax.lax.ragged_dot` (rows sorted by expert); `masks`:
+    each projection's adapter dropout multiplier per row `[R, I]`, or None."""
+    def proj(x, w: ExpertWeights, mask):
+        y = jax.lax.ragged_dot(x, w.kernel, sizes)
+        if w.a is None:
+            return y
+        xa = x if mask is None else x * mask
+        return y + jax.lax.ragged_dot(jax.lax.ragged_dot(xa, w.a, sizes), w.b, sizes)
+
+    h = act(proj(xs, gate, masks[0])) * proj(xs, up, masks[1])
+    return proj(h, down, masks[2])
 
 
-def _ffn_blocks(xs, sizes, e_sorted, gate, up, down, act):
+def _ffn_blocks(xs, sizes, e_sorted, gate, up, down, act, masks):
     """The same in blocks of b rows, each from one expert (rows sorted by expert, R rows in all).
 
     Expert e's rows go to blocks `first[e] … first[e] + ceil(n_e/b) − 1` (zero rows pad the last one); at
@@ -171,38 +218,69 @@ def _ffn_blocks(xs, sizes, e_sorted, gate, up, down, act):
     partial block, and every block holds a row), which fixes the static shape M. Rows of the sentinel
     expert `E` (another device's expert) sort last and are left out (their output is 0).
     """
-    (R, D), E = xs.shape, gate.shape[0]
+    (R, D), E = xs.shape, gate.kernel.shape[0]
     b = block_size(R, E)
     M = min(-(-R // b) + min(E, R), R)
     n_blocks = -(-sizes // b)                                                          # [E]
     first_block = jnp.append(jnp.cumsum(n_blocks) - n_blocks, M)                       # [E + 1]: sentinel → M
     first_row = jnp.append(jnp.cumsum(sizes) - sizes, sizes.sum())
     slot = first_block[e_sorted] * b + jnp.arange(R) - first_row[e_sorted]             # [R] padded row
-    xp = jnp.zeros((M * b, D), xs.dtype).at[slot].set(xs, mode="drop").reshape(M, b, D)
+    pad = lambda t: jnp.zeros((M * b, t.shape[-1]), t.dtype).at[slot].set(t, mode="drop").reshape(M, b, -1)  # noqa: E731
+    xp = pad(xs)
     owner = jnp.minimum(jnp.searchsorted(jnp.cumsum(n_blocks), jnp.arange(M), side="right"), E - 1)
-    h = act(jnp.einsum("MBD,MDF->MBF", xp, gate[owner])) * jnp.einsum("MBD,MDF->MBF", xp, up[owner])
-    y = jnp.einsum("MBF,MFD->MBD", h, down[owner]).reshape(M * b, D)
+
+    def proj(x, w: ExpertWeights, mask):
+        y = jnp.einsum("MBI,MIO->MBO", x, w.kernel[owner])
+        if w.a is None:
+            return y
+        xa = x if mask is None else x * pad(mask)
+        return y + jnp.einsum("MBr,MrO->MBO", jnp.einsum("MBI,MIr->MBr", xa, w.a[owner]), w.b[owner])
+
+    h = act(proj(xp, gate, masks[0])) * proj(xp, up, masks[1])
+    y = proj(h, down, masks[2]).reshape(M * b, D)
     return y.at[slot].get(mode="fill", fill_value=0)
 
 
-def routed_experts(x: Array, e: Array, w: Array, gate: Array, up: Array, down: Array,
-                   act: Callable[[Array], Array], impl: str = "auto", first: int | Array = 0) -> Array:
+def _ffn_dense(x, local, mine, gate, up, down, act):
+    """Every expert on every token: `[N, E, D]` out. An adapter's dropout multiplier of (token n, slot j)
+    goes to expert `e[n, j]` of token n (the experts a token did not choose get weight 0 anyway)."""
+    (N, D), E = x.shape, gate.kernel.shape[0]
+    to_experts = lambda m: jnp.ones((N, E, m.shape[-1]), m.dtype).at[  # noqa: E731
+        jnp.arange(N)[:, None], jnp.where(mine, local, E)].set(m, mode="drop")
+
+    def proj(x, w: ExpertWeights, shared: bool):  # shared: one input row per token (`x [N, I]`), else `[N, E, I]`
+        y = jnp.einsum("NI,EIO->NEO" if shared else "NEI,EIO->NEO", x, w.kernel)
+        if w.a is None:
+            return y
+        if w.mask is not None:
+            x, shared = (x[:, None] if shared else x) * to_experts(w.mask), False
+        h = jnp.einsum("NI,EIr->NEr" if shared else "NEI,EIr->NEr", x, w.a)
+        return y + jnp.einsum("NEr,ErO->NEO", h, w.b)
+
+    h = act(proj(x, gate, True)) * proj(x, up, True)
+    return proj(h, down, False)
+
+
+def routed_experts(x: Array, e: Array, w: Array, gate: Array | ExpertWeights, up: Array | ExpertWeights,
+                   down: Array | ExpertWeights, act: Callable[[Array], Array], impl: str = "auto",
+                   first: int | Array = 0) -> Array:
     """`y[n] = Σ_j w[n, j] · expert_{e[n, j]}(x[n])` for tokens `x [N, D]`, experts `e [N, k]`, weights `w [N, k]`.
 
-    `gate, up: [E, D, F]`, `down: [E, F, D]` hold experts `first … first+E−1`; a (token, slot) whose expert
-    is another one contributes 0 (under expert parallelism each device passes its own experts, and the
-    devices' partial sums add up to `y`). Each weighted contribution is cast to `x`'s dtype before the sum
-    over j, as `transformers` accumulates them.
+    `gate, up: [E, D, F]`, `down: [E, F, D]` (kernels, or `ExpertWeights` with per-expert LoRA adapters)
+    hold experts `first … first+E−1`; a (token, slot) whose expert is another one contributes 0 (under
+    expert parallelism each device passes its own experts, and the devices' partial sums add up to `y`).
+    Each weighted contribution is cast to `x`'s dtype before the sum over j, as `transformers` accumulates
+    them.
     """
-    (N, D), (E, _, F), k = x.shape, gate.shape, e.shape[1]
+    gate, up, down = _as_weights(gate), _as_weights(up), _as_weights(down)
+    (N, D), E, k = x.shape, gate.kernel.shape[0], e.shape[1]
     if impl == "auto":
         impl = "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
     local = e - first
     mine = (local >= 0) & (local < E)
     w = jnp.where(mine, w, 0.0)
     if impl == "dense":
-        h = act(jnp.einsum("ND,EDF->NEF", x, gate)) * jnp.einsum("ND,EDF->NEF", x, up)
-        y = jnp.einsum("NEF,EFD->NED", h, down)
+        y = _ffn_dense(x, local, mine, gate, up, down, act)
         combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], local].add(w, mode="drop")
         return (y.astype(jnp.float32) * combine[..., None]).astype(x.dtype).sum(1)
     if impl not in ("ragged_dot", "blocks"):
@@ -212,17 +290,18 @@ def routed_experts(x: Array, e: Array, w: Array, gate: Array, up: Array, down: A
     e_sorted = flat[order]
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)      # rows per expert (others' rows not counted)
     xs = x[order // k]                                          # [R, D] sorted by expert
+    masks = [None if p.mask is None else p.mask.reshape(N * k, -1)[order] for p in (gate, up, down)]
     if impl == "ragged_dot":
-        ys = _ffn_ragged(xs, sizes, gate, up, down, act)
+        ys = _ffn_ragged(xs, sizes, gate, up, down, act, masks)
     else:
-        ys = _ffn_blocks(xs, sizes, e_sorted, gate, up, down, act)
+        ys = _ffn_blocks(xs, sizes, e_sorted, gate, up, down, act, masks)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(N * k), unique_indices=True)
     y = jnp.where(mine[..., None], ys[inverse].reshape(N, k, D), 0)
     return (y.astype(jnp.float32) * w[..., None]).astype(x.dtype).sum(1)
 
 
-def expert_parallel(x: Array, e: Array, w: Array, gate: Array, up: Array, down: Array,
-                    act: Callable[[Array], Array], impl: str, mesh) -> Array:
+def expert_parallel(x: Array, e: Array, w: Array, gate: Array | ExpertWeights, up: Array | ExpertWeights,
+                    down: Array | ExpertWeights, act: Callable[[Array], Array], impl: str, mesh) -> Array:
     """`routed_experts` of tokens `x [B, T, D]` (`e, w [B, T, k]`) with the experts split over the mesh.
 
     A `jax.shard_map` over the whole mesh, where every device holds the tokens of its batch shard (the
@@ -238,33 +317,58 @@ def expert_parallel(x: Array, e: Array, w: Array, gate: Array, up: Array, down: 
     sort/gather dispatch (on 8 CPU devices it gathered every token's routing to every device). The
     backward pass is the transpose: a reduce-scatter of the weight gradients over `fsdp`. Same math as
     the unsharded layer (tested: training losses equal one device's within 1e-4).
+
+    LoRA adapters of the experts (`ExpertWeights`) are split like their kernels: `a` and `b` by expert,
+    the model-width side gathered over `fsdp` as the kernel's is, the MLP-width side left in its `tensor`
+    shards (the down projection's adapter then yields a partial sum over `tensor`, which the final
+    all-reduce adds up, as for the kernel). The dropout multipliers travel with their tokens.
     """
     def axes(entry) -> tuple[str, ...]:
         return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
+    gate, up, down = _as_weights(gate), _as_weights(up), _as_weights(down)
     xs = parallel.spec(("batch", "length", None), x.shape, mesh)
     ws = parallel.spec(("batch", "length", None), e.shape, mesh)
-    g_spec = parallel.spec(("expert", "embed", "mlp"), gate.shape, mesh)
-    d_spec = parallel.spec(("expert", "mlp", "embed"), down.shape, mesh)
+    g_spec = parallel.spec(("expert", "embed", "mlp"), gate.kernel.shape, mesh)
+    d_spec = parallel.spec(("expert", "mlp", "embed"), down.kernel.shape, mesh)
     expert_axes, width_axes = axes(g_spec[0]), axes(g_spec[2])
-    n_local = gate.shape[0] // math.prod(mesh.shape[a] for a in expert_axes)
+    n_local = gate.kernel.shape[0] // math.prod(mesh.shape[a] for a in expert_axes)
+    # per projection kind: the logical axes of kernel, a, b and mask, and the dimension of kernel, a and b
+    # (their model width) gathered over fsdp inside, or None
+    layout = {"gate": (("expert", "embed", "mlp"), ("expert", "embed", "lora_rank"), ("expert", "lora_rank", "mlp"),
+                       ("batch", "length", None, None)),
+              "down": (("expert", "mlp", "embed"), ("expert", "mlp", "lora_rank"), ("expert", "lora_rank", "embed"),
+                       ("batch", "length", None, "mlp"))}
+    gathered = {"gate": (1, 1, None), "down": (2, None, 2)}   # kernel, a, b
+    B, T, k = e.shape
+    projections = []
+    for name, p in (("gate", gate), ("up", up), ("down", down)):
+        kind = "down" if name == "down" else "gate"
+        if p.mask is not None:
+            p = p._replace(mask=p.mask.reshape(B, T, k, -1))
+        specs = ExpertWeights(*(None if t is None else parallel.spec(a, t.shape, mesh) for t, a in zip(p, layout[kind])))
+        projections.append((p, specs, gathered[kind]))
 
-    def local(x, e, w, gate, up, down):
-        gather = lambda a, entry, dim: jax.lax.all_gather(a, axes(entry), axis=dim, tiled=True) if entry else a  # noqa: E731
-        gate, up = gather(gate, g_spec[1], 1), gather(up, g_spec[1], 1)
-        down = gather(down, d_spec[2], 2)
-        first = jax.lax.axis_index(expert_axes) * n_local if expert_axes else 0
+    def local(x, e, w, *weights):
+        def gather(a, spec, dim):
+            return jax.lax.all_gather(a, axes(spec[dim]), axis=dim, tiled=True) if dim is not None and spec[dim] else a
+
         B, T, D = x.shape
-        y = routed_experts(x.reshape(B * T, D), e.reshape(B * T, -1), w.reshape(B * T, -1), gate, up, down,
-                           act, impl, first)
+        ews = []
+        for p, (_, specs, dims) in zip(weights, projections):
+            p = ExpertWeights(*(None if t is None else gather(t, s, d) for t, s, d in zip(p[:3], specs, dims)),
+                              None if p.mask is None else p.mask.reshape(B * T, k, -1))
+            ews.append(p)
+        first = jax.lax.axis_index(expert_axes) * n_local if expert_axes else 0
+        y = routed_experts(x.reshape(B * T, D), e.reshape(B * T, -1), w.reshape(B * T, -1), *ews, act, impl, first)
         summed = expert_axes + width_axes
         if summed:
             y = jax.lax.psum(y.astype(jnp.float32), summed).astype(x.dtype)
         return y.reshape(B, T, D)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(xs, ws, ws, g_spec, g_spec, d_spec), out_specs=xs,
-                       check_vma=False)
-    return fn(x, e, w, gate, up, down)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(xs, ws, ws, *(specs for _, specs, _ in projections)),
+                       out_specs=xs, check_vma=False)
+    return fn(x, e, w, *(p for p, _, _ in projections))
 
 
 def balance_loss(s: Array, e: Array, mask: Array) -> Array:
@@ -306,7 +410,7 @@ class MoE(nnx.Module):
     def __call__(self, x: Array, mask: Array | None = None, impl: str | None = None):
         B, T, D = x.shape
         s, e, w = self.gate(x.reshape(B * T, D))
-        gate, up, down = (p.kernel[...].astype(self.dtype) for p in
+        gate, up, down = (p.weights(e.shape) for p in
                           (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj))
         mesh = parallel.active_mesh()
         if mesh is not None and mesh.shape["expert"] > 1:
