@@ -134,7 +134,17 @@ class PreferenceSection(Section):
     simpo_gamma: float = Field(0.5, description="simpo: target reward margin γ")
 
 
-OBJECTIVES = ("supervised", "dpo", "ipo", "simpo", "orpo")
+class DistillSection(Section):
+    """Knowledge distillation (`jaxft.train.distill`): the student trains on
+    alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · task loss."""
+
+    teacher: str | None = Field(None, description="the teacher: a model folder, package:PKG/SUBDIR, a Hub id, or "
+                                "a jaxft run directory (its best, else latest, checkpoint)")
+    temperature: float = Field(2.0, gt=0, description="T: both distributions are softmax(logits / T)")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term; 1 − alpha weighs the task loss")
+
+
+OBJECTIVES = ("supervised", "distill", "dpo", "ipo", "simpo", "orpo")
 
 
 class TrainSection(Section):
@@ -152,9 +162,10 @@ class TrainSection(Section):
     stop_at_step: int | None = Field(None, ge=1, description="checkpoint and exit at this step (resumable)")
     log_batches: bool = Field(False, description="write the example ids of every step to batches.jsonl")
     objective: Literal[OBJECTIVES] = Field("supervised", description="what the loss is (the model's head is "
-                                           "model.task): supervised, or a preference objective on "
-                                           "{prompt, chosen, rejected} rows")
+                                           "model.task): supervised, distill (from train.distill.teacher), "
+                                           "or a preference objective on {prompt, chosen, rejected} rows")
     dpo: PreferenceSection = PreferenceSection()
+    distill: DistillSection = DistillSection()
 
     @model_validator(mode="after")
     def _accum_divides(self):
@@ -228,6 +239,10 @@ class Config(Section):
     def _objective_fits(self):
         obj, p = self.train.objective, self.train.dpo
         if obj == "supervised":
+            return self
+        if obj == "distill":
+            if not self.train.distill.teacher:
+                raise ValueError("train.objective=distill needs train.distill.teacher (a model folder or run directory)")
             return self
         if self.model.task != "causal-lm":
             raise ValueError(f"train.objective={obj} trains a causal LM on preference pairs: set model.task=causal-lm")

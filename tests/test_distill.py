@@ -1,0 +1,159 @@
+"""Distillation (`train.objective: distill`): the loss is the formula (numpy, fixed logits), the teacher is frozen
+(no gradient, not in the train state, unchanged), a teacher of another label set or tokenizer is refused, and a
+tiny student distilled from a larger random teacher through `jaxft train` gets closer to it."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxft.config import ConfigError, DistillSection, load_config
+from jaxft.train.distill import make_causal_lm_distill_loss, make_classification_distill_loss
+from jaxft.train.loop import Trainer
+
+from conftest import save_tiny_bert
+from sft_helpers import make_tokenizer
+
+D = DistillSection(teacher="unused", temperature=2.5, alpha=0.3)
+
+
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_distill(s, t, label, T, alpha):
+    """One example or token: (α·T²·KL + (1−α)·CE, KL, CE) in float64."""
+    log_p, log_q = np_log_softmax(t / T), np_log_softmax(s / T)
+    kl = float(np.sum(np.exp(log_p) * (log_p - log_q)))
+    ce = float(-np_log_softmax(s)[label])
+    return alpha * T * T * kl + (1 - alpha) * ce, kl, ce
+
+
+def fixed(logits):
+    """A stand-in model: returns these logits whatever it is given."""
+    return lambda *args, **kwargs: jnp.asarray(logits)
+
+
+def test_classification_loss_is_the_formula():
+    rng = np.random.RandomState(0)
+    s, t = rng.randn(4, 3).astype(np.float32) * 3, rng.randn(4, 3).astype(np.float32) * 3
+    labels, weights = np.array([0, 2, 1, 1]), np.array([1.0, 1.0, 0.0, 1.0], np.float32)  # row 2 is padding
+    batch = {"input_ids": np.zeros((4, 5), np.int32), "attention_mask": np.ones((4, 5), np.int32),
+             "token_type_ids": np.zeros((4, 5), np.int32), "labels": labels, "weights": weights}
+    loss, aux = make_classification_distill_loss(D)(fixed(s), batch, None, fixed(t))
+    want = np.sum([np.array(np_distill(s[i], t[i], labels[i], D.temperature, D.alpha)) * weights[i]
+                   for i in range(4)], axis=0)
+    np.testing.assert_allclose([float(loss), float(aux["kl"]), float(aux["task_loss"])], want, rtol=1e-6, atol=1e-6)
+    assert float(aux["weight"]) == 3.0
+    # the teacher's logits get no gradient (they are soft labels), the student's do
+    grad_t, grad_s = jax.grad(lambda t_, s_: make_classification_distill_loss(D)(fixed(s_), batch, None,
+                                                                               lambda *a, **k: t_)[0],
+                              argnums=(0, 1))(jnp.asarray(t), jnp.asarray(s))
+    assert float(jnp.max(jnp.abs(grad_t))) == 0.0 and float(jnp.max(jnp.abs(grad_s))) > 0.0
+
+
+def test_causal_lm_loss_is_the_formula_on_trained_tokens_only():
+    rng = np.random.RandomState(1)
+    B, T, V = 3, 6, 7
+    s, t = rng.randn(B, T, V).astype(np.float32) * 3, rng.randn(B, T, V).astype(np.float32) * 3
+    ids = rng.randint(0, V, (B, T)).astype(np.int32)
+    attention = np.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 6], np.int32)             # row 1 padded on the right
+    loss_mask = np.array([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1]], np.int32)  # prompts: 0
+    segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 0, 0], [1] * 6], np.int32)   # row 0: two packed documents
+    weights = np.array([1.0, 1.0, 0.5], np.float32)
+    batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "segment_ids": segments,
+             "weights": weights}
+    loss, aux = make_causal_lm_distill_loss(D)(fixed(s), batch, None, fixed(t))
+    want, weight = np.zeros(3), 0.0
+    for b in range(B):
+        for pos in range(T - 1):  # position pos predicts token pos+1
+            nxt = pos + 1
+            if loss_mask[b, nxt] and segments[b, nxt] > 0 and segments[b, nxt] == segments[b, pos]:
+                want += weights[b] * np.array(np_distill(s[b, pos], t[b, pos], ids[b, nxt], D.temperature, D.alpha))
+                weight += weights[b]
+    np.testing.assert_allclose([float(loss), float(aux["kl"]), float(aux["task_loss"])], want, rtol=1e-6, atol=1e-6)
+    assert float(aux["weight"]) == weight == 3 + 3 + 0.5 * 3  # row 0: 4 trained targets but one crosses documents
+
+
+ROWS = [("good film", "pos"), ("bad film", "neg"), ("fine acting", "pos"), ("awful plot", "neg"),
+        ("great fun", "pos"), ("dull mess", "neg"), ("lovely story", "pos"), ("boring show", "neg")]
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, minilm_dir):
+    """A 2-layer random student and a larger 3-layer random teacher (other width), one tokenizer, two labels."""
+    tmp = tmp_path_factory.mktemp("distill")
+    student = save_tiny_bert(tmp / "student", seed=0, tokenizer_from=minilm_dir, random_init=True,
+                             vocab_size=30522, num_labels=2, **NO_DROPOUT)
+    teacher = save_tiny_bert(tmp / "teacher", seed=1, tokenizer_from=minilm_dir, random_init=True, vocab_size=30522,
+                             num_labels=2, hidden_size=48, num_hidden_layers=3, intermediate_size=40, **NO_DROPOUT)
+    (tmp / "train.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in ROWS))
+    return tmp, student, teacher
+
+
+def config(tmp, student, teacher, out, *overrides):
+    return load_config(None, [f"model.name_or_path={student}", f"data.train={tmp / 'train.tsv'}",
+                              f"data.cache_dir={tmp / 'cache'}", "train.objective=distill",
+                              f"train.distill.teacher={teacher}", "train.batch_size=4", f"output_dir={out}",
+                              *overrides])
+
+
+def test_other_label_set_or_tokenizer_refused_naming_both(models, tmp_path, minilm_dir):
+    tmp, student, _ = models
+    three = save_tiny_bert(tmp_path / "three", tokenizer_from=minilm_dir, vocab_size=30522, num_labels=3)
+    with pytest.raises(ConfigError, match="labels") as e:
+        Trainer(config(tmp, student, three, tmp_path / "a"))
+    assert str(three) in str(e.value) and str(student) in str(e.value) and "['neg', 'pos']" in str(e.value)
+
+    words = save_tiny_bert(tmp_path / "words", vocab_size=30522, num_labels=2)
+    make_tokenizer().save_pretrained(words)  # same vocab_size, another tokenizer
+    with pytest.raises(ConfigError, match="another tokenizer") as e:
+        Trainer(config(tmp, student, words, tmp_path / "b"))
+    assert str(words) in str(e.value) and str(student) in str(e.value)
+
+    small_vocab = save_tiny_bert(tmp_path / "small_vocab", vocab_size=99, num_labels=2, tokenizer_from=minilm_dir)
+    with pytest.raises(ConfigError, match="vocab_size 99") as e:
+        Trainer(config(tmp, student, small_vocab, tmp_path / "c"))
+    assert str(small_vocab) in str(e.value) and str(student) in str(e.value)
+
+
+@pytest.mark.slow
+def test_distill_pipeline_student_approaches_teacher_which_stays_frozen(models, tmp_path):
+    """`train(cfg)` (the Trainer) distils: loss and KL fall; the teacher is in no leaf of the train state (the
+    student's parameters and Adam's two moments of each) and its arrays are bitwise unchanged. The finished run
+    then serves as a teacher from its run directory."""
+    tmp, student, teacher = models
+    out = tmp_path / "run"
+    trainer = Trainer(config(tmp, student, teacher, out, "train.batch_size=8", "train.steps=24", "train.log_every=4",
+                             "optim.lr=2e-3", "optim.warmup_ratio=0", "train.distill.alpha=0.8",
+                             "train.distill.temperature=2.0"))
+    held = trainer.frozen_model
+    before = {k: np.array(v) for k, v in held.frozen.items()}
+    student_n = sum(v.size for v in trainer.fn.params.values())
+    assert sum(v.size for v in before.values()) > student_n  # a larger teacher: another width and depth
+    trainer.run()
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == 6 and all("kl" in r and "task_loss" in r and "accuracy" in r for r in train), rows
+    first, last = train[0], train[-1]
+    assert last["kl"] < 0.5 * first["kl"] and last["loss"] < 0.5 * first["loss"], (first, last)
+
+    state_n = sum(x.size for x in jax.tree.leaves(trainer.state))
+    assert 3 * student_n <= state_n < 3 * student_n + 100, (state_n, student_n)
+    assert set(trainer.state["params"]) == set(trainer.fn.params)
+    for k, v in held.frozen.items():
+        np.testing.assert_array_equal(np.asarray(v), before[k], err_msg=k)
+
+    # a jaxft run directory as the teacher: its latest checkpoint (this run's last parameters) and its labels
+    again = Trainer(config(tmp, student, out, tmp_path / "run2"))
+    assert again.task.teacher.labels == ["neg", "pos"]
+    assert set(again.frozen_model.frozen) == set(trainer.state["params"])
+    for k, v in again.frozen_model.frozen.items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(trainer.state["params"][k]), err_msg=k)
