@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# train.loss_chunk_tokens default (see jaxft.train.losses.chunked_cross_entropy)
+LOSS_CHUNK_TOKENS = 2048
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,10 @@ class ModelSection(Section):
         "none", description="what each block keeps for the backward pass (jaxft.models.layers.REMAT_POLICIES)")
     scan_layers: bool = Field(False, description="stack the blocks' parameters on a leading layer axis and run "
                               "them with jax.lax.scan: compile time independent of depth")
+    attention: Literal["auto", "plain", "blockwise"] = Field(
+        "auto", description="how attention is computed (jaxft.models.attention): auto = cuDNN on GPU in bfloat16 "
+        "where it applies, plain up to 1024x1024 scores, blockwise (O(T) memory) beyond")
+    attention_block: int = Field(512, ge=16, description="query/key block of blockwise attention")
     moe: MoESection = MoESection()
     lora: LoraSection = LoraSection()
     quantize: Literal["int8", "nf4"] | None = Field(None, description="QLoRA: store the frozen base quantised "
@@ -161,6 +167,9 @@ class TrainSection(Section):
     spike_factor: float | None = Field(3.0, gt=1, description="warn when loss > factor × running median")
     stop_at_step: int | None = Field(None, ge=1, description="checkpoint and exit at this step (resumable)")
     log_batches: bool = Field(False, description="write the example ids of every step to batches.jsonl")
+    loss_chunk_tokens: int = Field(LOSS_CHUNK_TOKENS, ge=0, description="causal LM: the head and the loss are "
+                                   "computed over chunks of about this many tokens (rows x positions), never "
+                                   "holding [batch, length, vocab] logits; 0 = all at once")
     objective: Literal[OBJECTIVES] = Field("supervised", description="what the loss is (the model's head is "
                                            "model.task): supervised, distill (from train.distill.teacher), "
                                            "or a preference objective on {prompt, chosen, rejected} rows")

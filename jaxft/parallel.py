@@ -10,7 +10,7 @@ so parameters and optimizer state are FSDP-sharded over `fsdp` (each weight alon
 latent dimension), attention heads and MLP width are split over `tensor`, MoE experts over `expert`,
 batches over `(data, fsdp)`, and with a `sequence` axis (long-context fine-tuning) every activation along
 its token axis: each device holds T/sequence tokens of its rows, and attention gathers the keys and
-values of the whole row (`jaxft.models.layers.attention`). A dimension whose size is not divisible by its mesh axes is replicated
+values of the whole row (`jaxft.models.attention.attention`). A dimension whose size is not divisible by its mesh axes is replicated
 instead (a tiny model on a big mesh still runs), and a mesh axis is used at most once per array, in
 the order of the array's dimensions (an activation `('batch', 'length', 'embed')` shards its batch over
 `fsdp` and leaves `embed` whole).

@@ -125,7 +125,8 @@ def abstract_model(cfg: Config) -> tuple[nnx.Module, str]:
 
     folder = resolve(cfg.model.name_or_path)
     m = cfg.model
-    options = RunOptions(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    options = RunOptions(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
+                         attention=m.attention, attention_block=m.attention_block)
     hf, family, mcfg = model_config(folder, m.task, options, m.num_labels)
     model = abstract_module(family.modules[cfg.model.task], mcfg)
     model.hf_config = hf.to_dict()
@@ -227,7 +228,8 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     shard = state_shardings(fn, tx, mesh)
     frozen_shard = {k: parallel.sharding(fn.axes[k], v.shape, mesh) for k, v in fn.frozen.items()}
     opt_shapes = jax.eval_shape(tx.init, fn.params)
-    loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef) if cfg.model.task == "causal-lm" else classification_loss
+    loss = (make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens)
+            if cfg.model.task == "causal-lm" else classification_loss)
     sp = parallel.sequence_parallel_size(mesh)
     if T % sp:
         raise ValueError(f"data.max_length={T} must be divisible by mesh.sequence={sp}")

@@ -106,7 +106,8 @@ def model_config(folder: Path, task: str, options: RunOptions, num_labels: int |
 
 def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None,
                dtype: str = "float32", param_dtype: str = "float32", mesh=None, seed: int = 0,
-               remat: str = "none", scan_layers: bool = False, quantize: str | None = None) -> nnx.Module:
+               remat: str = "none", scan_layers: bool = False, quantize: str | None = None,
+               attention: str = "auto", attention_block: int = 512) -> nnx.Module:
     """Load a Hugging Face checkpoint into jaxft (see the package docstring for the contract).
 
     `dtype` is the compute dtype, `param_dtype` the stored one; `mesh` places every tensor already
@@ -114,10 +115,12 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     (`jaxft.models.layers.REMAT_POLICIES`); `scan_layers` stacks the blocks and runs them with
     `jax.lax.scan` (one compiled block whatever the depth); `quantize` (`int8` | `nf4`) stores every linear
     layer but the head quantised (`jaxft.models.quant`), each right after it is read, so the float base is
-    never held whole.
+    never held whole; `attention` (`auto` | `plain` | `blockwise`) and `attention_block` choose how attention is
+    computed (`jaxft.models.attention`).
     """
     folder = resolve(name_or_path)
-    options = RunOptions(dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers)
+    options = RunOptions(dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
+                         attention=attention, attention_block=attention_block)
     hf, family, cfg = model_config(folder, task, options, num_labels)
     module_cls = family.modules[task]
     abstract = abstract_module(module_cls, cfg)

@@ -14,8 +14,8 @@ from flax import nnx
 
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
 from jaxft.models.options import RunOptions
-from jaxft.models.layers import (Dense, Embed, Keys, LayerNorm, activation, attention, dropout, make_layers,
-                                 padding_mask, residual, run_layers)
+from jaxft.models.attention import Mask, attention
+from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, dropout, make_layers, residual, run_layers
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class BertModel(nnx.Module):
         D = cfg.hidden_size
         self.pooler = Dense("BD,DE->BE", (D, D), ("embed", "mlp"), std=cfg.initializer_range,
                             rngs=rngs, **cfg.options.kw())
-        self.remat = cfg.options.remat
+        self.remat, self.options = cfg.options.remat, cfg.options
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, keys: Keys | None = None):
         keys = keys or Keys(None)
@@ -128,7 +128,9 @@ class BertModel(nnx.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = residual(self.embeddings(input_ids, token_type_ids, keys))
-        mask = padding_mask(attention_mask)
+        # bidirectional: every real token of the row, whatever the padding side
+        mask = Mask(kv_valid=attention_mask.astype(bool), causal=False, impl=self.options.attention,
+                    block=self.options.attention_block)
         x, _ = run_layers(self.layers, self.remat, x,
                           lambda layer, h, i, _: (residual(layer(h, mask, keys.layer(i))), None))
         return x, jnp.tanh(self.pooler(x[:, 0]))

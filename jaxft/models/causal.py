@@ -11,7 +11,8 @@ A causal LM is called in one of two ways, both through the same layer code:
   slots; slots not yet written, and padding slots, are masked by `cache.valid`. Buffers never change
   shape, so one compiled decode step serves every token.
 
-Masks are built on *slots* (indices in the key sequence), exactly as `transformers` builds them: with left
+Both describe their attention mask with one `jaxft.models.attention.Mask` (no dense `[B, 1, T, S]` array):
+masks are on *slots* (indices in the key sequence), exactly as `transformers` builds them: with left
 padding, a sliding window counts the pad slots too.
 """
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.models.attention import NO_WINDOW, Mask
 from jaxft.models.layers import Dense, Embed, Keys
 from jaxft.models.options import RunOptions
 from jaxft.parallel import constrain
@@ -53,47 +55,30 @@ def default_positions(input_ids: Array, segment_ids: Array | None) -> Array:
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
 
-def slot_mask(q_slots: Array, kv_slots: Array, kv_valid: Array | None = None,
-              q_segments: Array | None = None, kv_segments: Array | None = None,
-              window: int | None = None) -> Array:
-    """Boolean `[B, 1, T, S]` mask (True = may attend) for queries at `q_slots [T]` and keys at `kv_slots [S]`.
-
-    `kv_valid [B, S]`: key is a real token; `q_segments [B, T]`, `kv_segments [B, S]`: packed document ids.
-    """
-    q, kv = q_slots[:, None], kv_slots[None, :]
-    mask = kv <= q
-    if window is not None:
-        mask &= kv > q - window
-    mask = mask[None, None]
-    if kv_valid is not None:
-        mask = mask & kv_valid.astype(bool)[:, None, None, :]
-    if q_segments is not None:
-        mask = mask & (q_segments[:, None, :, None] == kv_segments[:, None, None, :])
-    return mask
+def sequence_mask(attention_mask: Array | None, segment_ids: Array | None, options: RunOptions,
+                  right_padded: bool = False) -> Mask:
+    """The causal `Mask` of a full-sequence call: keys must be real (`attention_mask`) and in the query's
+    packed document (`segment_ids`); each block adds its own window (`layer_masks`)."""
+    return Mask(kv_valid=None if attention_mask is None else attention_mask.astype(bool),
+                q_segments=segment_ids, kv_segments=segment_ids, causal=True, right_padded=right_padded,
+                impl=options.attention, block=options.attention_block)
 
 
-def sequence_masks(input_ids: Array, attention_mask: Array | None, segment_ids: Array | None,
-                   windows) -> dict:
-    """`{window: mask}` for a full-sequence call; `windows` holds `None` (full attention) and window sizes."""
-    slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-    return {w: slot_mask(slots, slots, attention_mask, segment_ids, segment_ids, w) for w in windows}
-
-
-def layer_masks(masks: dict, windows, layers) -> tuple:
+def layer_masks(mask: Mask, windows, layers) -> tuple:
     """Each block's mask for `jaxft.models.layers.run_layers`: `(select, xs)` where `xs[i]` is block `i`'s
-    per-layer input dict and `select(xs[i])` its mask from `masks` (`{window: mask}`, `windows[i]` = block
-    `i`'s window). When blocks differ (Qwen2's sliding layers) `xs[i]` carries the index of its window,
-    which a scan (`layers` stacked, not an `nnx.List`) sees as a traced value, so the distinct masks are
-    stacked once and indexed; otherwise there is nothing per layer to carry.
+    per-layer input dict and `select(xs[i])` its mask, `mask` with block `i`'s window (`windows[i]`).
+    When blocks differ (Qwen2's sliding layers) `xs[i]` carries the index of its window, which a scan
+    (`layers` stacked, not an `nnx.List`) sees as a traced value, so the window becomes a traced int32
+    (`attention.NO_WINDOW` for none); otherwise there is nothing per layer to carry.
     """
     distinct = list(dict.fromkeys(windows))
     if len(distinct) == 1:
-        return (lambda _: masks[distinct[0]]), [{} for _ in windows]
+        return (lambda _: mask.with_window(distinct[0])), [{} for _ in windows]
     xs = [{"window": distinct.index(w)} for w in windows]
     if isinstance(layers, nnx.List):
-        return (lambda x_i: masks[distinct[x_i["window"]]]), xs
-    stacked = jnp.stack([masks[w] for w in distinct])
-    return (lambda x_i: stacked[x_i["window"]]), xs
+        return (lambda x_i: mask.with_window(distinct[x_i["window"]])), xs
+    table = jnp.asarray([NO_WINDOW if w is None else w for w in distinct], jnp.int32)
+    return (lambda x_i: mask.with_window(table[x_i["window"]])), xs
 
 
 class KVCache(NamedTuple):
@@ -112,14 +97,13 @@ def empty_cache(batch: int, length: int, kv_shapes, dtype) -> KVCache:
     return KVCache(keys, values, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
-def cache_masks(cache: KVCache, valid: Array, windows) -> tuple[dict, KVCache]:
-    """Mark the `T` new tokens' slots (`valid [B, T]`) and build `{window: mask}` for them."""
-    T, S = valid.shape[1], cache.valid.shape[1]
+def cache_mask(cache: KVCache, valid: Array, options: RunOptions) -> tuple[Mask, KVCache]:
+    """Mark the `T` new tokens' slots (`valid [B, T]`) and describe their mask: queries at slots
+    `cache.index …`, keys at every slot of the buffers, written and not padding."""
     kv_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool), (0, cache.index))
-    q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
-    kv_slots = jnp.arange(S, dtype=jnp.int32)
-    masks = {w: slot_mask(q_slots, kv_slots, kv_valid, window=w) for w in windows}
-    return masks, cache._replace(valid=kv_valid)
+    mask = Mask(q_start=cache.index, kv_valid=kv_valid, causal=True, impl=options.attention,
+                block=options.attention_block)
+    return mask, cache._replace(valid=kv_valid)
 
 
 def write(buffer: Array, new: Array, index: Array) -> Array:
@@ -138,8 +122,8 @@ class CausalLM(nnx.Module):
 
     A family builds its backbone and calls `init_head`; it then provides
 
-    * `backbone(input_ids, positions, masks, token_mask, keys, cache) -> (h [B, T, D], (keys, values), stats)`:
-      `masks` is `{window: [B, 1, T, S] mask}` for the distinct windows in `self.windows`, `token_mask`
+    * `backbone(input_ids, positions, mask, token_mask, keys, cache) -> (h [B, T, D], (keys, values), stats)`:
+      `mask` is the `attention.Mask` of the call (each block sets its window), `token_mask`
       the `[B, T]` real-token mask (for router statistics), `cache` a `KVCache` or None; it returns the
       final hidden states, the per-layer buffers it wrote (empty lists without a cache) and the MoE
       `RouterStats` (None for dense models);
@@ -151,7 +135,6 @@ class CausalLM(nnx.Module):
     """
 
     task = "causal-lm"
-    windows: tuple = (None,)
     max_positions: int | None = None   # the longest cache a family with learned positions can serve,
     positions_field = "max_position_embeddings"  # and the config field that sets it
 
@@ -168,7 +151,7 @@ class CausalLM(nnx.Module):
     def kv_shapes(self) -> list:
         raise NotImplementedError
 
-    def backbone(self, input_ids, positions, masks: dict, token_mask, keys: Keys, cache: KVCache | None):
+    def backbone(self, input_ids, positions, mask: Mask, token_mask, keys: Keys, cache: KVCache | None):
         raise NotImplementedError
 
     def logits(self, h: Array) -> Array:
@@ -177,13 +160,14 @@ class CausalLM(nnx.Module):
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def hidden(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
-               dropout_rng=None) -> tuple[Array, Any]:
-        """`(h [B, T, D], router stats or None)` of a full-sequence call; see `__call__`."""
+               dropout_rng=None, right_padded: bool = False) -> tuple[Array, Any]:
+        """`(h [B, T, D], router stats or None)` of a full-sequence call; see `__call__`. `right_padded`:
+        the caller knows every row's padding is at its end (lets a GPU use the cuDNN kernel)."""
         if positions is None:
             positions = default_positions(input_ids, segment_ids)
-        masks = sequence_masks(input_ids, attention_mask, segment_ids, self.windows)
+        mask = sequence_mask(attention_mask, segment_ids, self.config.options, right_padded)
         token_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask
-        h, _, stats = self.backbone(input_ids, positions, masks, token_mask, Keys(dropout_rng), None)
+        h, _, stats = self.backbone(input_ids, positions, mask, token_mask, Keys(dropout_rng), None)
         return h, stats
 
     def forward_with_router_stats(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
@@ -208,6 +192,6 @@ class CausalLM(nnx.Module):
 
     def decode(self, input_ids, positions, valid, cache: KVCache):
         """Append `input_ids [B, T]` (at `positions`, `valid` = not padding) to `cache`; logits for them."""
-        masks, cache = cache_masks(cache, valid, self.windows)
-        h, (k, v), _ = self.backbone(input_ids, positions, masks, valid, Keys(None), cache)
+        mask, cache = cache_mask(cache, valid, self.config.options)
+        h, (k, v), _ = self.backbone(input_ids, positions, mask, valid, Keys(None), cache)
         return self.logits(h), finish_cache(cache, k, v, input_ids.shape[1])

@@ -248,8 +248,8 @@ class DeepseekForCausalLM(causal.CausalLM):
         cfg = self.config
         return [((1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim))] * cfg.num_hidden_layers
 
-    def backbone(self, input_ids, positions, masks, token_mask, keys: Keys, cache=None):
-        return self.model(input_ids, positions, masks[None], token_mask, keys, cache)
+    def backbone(self, input_ids, positions, mask, token_mask, keys: Keys, cache=None):
+        return self.model(input_ids, positions, mask, token_mask, keys, cache)
 
 
 def name_table(cfg: DeepseekConfig, task: str) -> NameTable:

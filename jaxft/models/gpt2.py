@@ -20,8 +20,8 @@ from flax import nnx
 from jaxft.hf.table import IDENTITY, Conv1D, Flatten, Linear, NameTable, Rule
 from jaxft.models import causal
 from jaxft.models.options import RunOptions
-from jaxft.models.layers import (Dense, Embed, Keys, LayerNorm, activation, attention, dropout, make_layers,
-                                 residual, run_layers)
+from jaxft.models.attention import attention
+from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, dropout, make_layers, residual, run_layers
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,8 @@ class GPT2LMHeadModel(causal.CausalLM):
         cfg = self.config
         return [((cfg.n_head, cfg.head_dim),) * 2] * cfg.n_layer
 
-    def backbone(self, input_ids, positions, masks, token_mask, keys: Keys, cache=None):
-        h, kv = self.transformer(input_ids, positions, masks[None], keys, cache)
+    def backbone(self, input_ids, positions, mask, token_mask, keys: Keys, cache=None):
+        h, kv = self.transformer(input_ids, positions, mask, keys, cache)
         return h, kv, None
 
 

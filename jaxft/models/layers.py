@@ -10,7 +10,6 @@ N heads, K kv heads, H head width, F MLP width, V vocabulary.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -280,38 +279,6 @@ class Keys:
         if self.key is None:
             return Keys(None)
         return Keys(jax.random.fold_in(jax.random.fold_in(self.key, _LAYER_STREAM), i))
-
-
-def attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
-              dropout_rate: float = 0.0, dropout_key: Array | None = None) -> Array:
-    """Scaled dot-product attention, `q: BTNH`, `k, v: BSKH` (K divides N for grouped queries).
-
-    `mask` is boolean, broadcastable to `[B, N, T, S]` (True = may attend). Without attention dropout
-    this is `jax.nn.dot_product_attention`; with it, the same math written out, since dropout on the
-    probabilities needs them materialised. Softmax runs in float32. Every family calls attention here
-    and only here, so a fused kernel (cuDNN flash attention on GPU, which needs the mask expressed as
-    `is_causal` + sequence lengths rather than a dense mask; a splash kernel on TPU) has one call site.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    # Under a `sequence` mesh axis each device holds a slice of the queries and needs every key and value
-    # of their rows: gather K/V along the length (a no-op otherwise).
-    heads = "kv_heads" if k.shape[2] != q.shape[2] else "heads"
-    k, v = (constrain(t, ("batch", None, heads, "head_dim")) for t in (k, v))
-    if dropout_key is None or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-    n, kv = q.shape[2], k.shape[2]
-    if kv != n:
-        k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key).astype(v.dtype)
-    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
-
-
-def padding_mask(attention_mask: Array) -> Array:
-    """`[B, S]` 1/0 mask → boolean `[B, 1, 1, S]` for `attention`."""
-    return attention_mask.astype(bool)[:, None, None, :]
 
 
 class RMSNorm(nnx.Module):

@@ -30,7 +30,8 @@ from flax import nnx
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
 from jaxft.models import causal, rope as rope_lib
 from jaxft.models.options import RunOptions
-from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, attention, make_layers, residual, run_layers
+from jaxft.models.attention import attention
+from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, make_layers, residual, run_layers
 from jaxft.parallel import constrain
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -183,12 +184,12 @@ class DecoderModel(nnx.Module):
         self.rope, self.remat = cfg.rope, cfg.options.remat
         self.windows = tuple(cfg.window(i) for i in range(cfg.num_hidden_layers))
 
-    def __call__(self, input_ids, positions, masks, keys: Keys, cache: causal.KVCache | None = None):
-        """`masks`: `{window: mask}` for the distinct windows; → `(h, (keys, values))`, the per-layer K/V
-        written to `cache` (empty lists without a cache)."""
+    def __call__(self, input_ids, positions, mask, keys: Keys, cache: causal.KVCache | None = None):
+        """`mask`: the call's `attention.Mask` (each block adds its window); → `(h, (keys, values))`, the
+        per-layer K/V written to `cache` (empty lists without a cache)."""
         x = residual(self.embed_tokens(input_ids))
         cos, sin = rope_lib.cos_sin(self.rope, positions)
-        select, xs = causal.layer_masks(masks, self.windows, self.layers)
+        select, xs = causal.layer_masks(mask, self.windows, self.layers)
         index = None if cache is None else cache.index
         if cache is not None:
             xs = [dict(x_i, kv=kv) for x_i, kv in zip(xs, zip(cache.keys, cache.values))]
@@ -209,7 +210,6 @@ class LlamaForCausalLM(causal.CausalLM):
         self.model = DecoderModel(cfg, rngs)
         self.init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings, cfg.initializer_range,
                        cfg.options, rngs)
-        self.windows = tuple(dict.fromkeys(cfg.window(i) for i in range(cfg.num_hidden_layers)))
 
     def input_embedding(self) -> Embed:
         return self.model.embed_tokens
@@ -218,8 +218,8 @@ class LlamaForCausalLM(causal.CausalLM):
         cfg = self.config
         return [((cfg.num_key_value_heads, cfg.head_dim),) * 2] * cfg.num_hidden_layers
 
-    def backbone(self, input_ids, positions, masks, token_mask, keys: Keys, cache=None):
-        h, kv = self.model(input_ids, positions, masks, keys, cache)
+    def backbone(self, input_ids, positions, mask, token_mask, keys: Keys, cache=None):
+        h, kv = self.model(input_ids, positions, mask, keys, cache)
         return h, kv, None
 
 

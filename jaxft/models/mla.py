@@ -34,18 +34,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models import causal, rope as rope_lib
-from jaxft.models.layers import Dense, Keys, RMSNorm, attention
+from jaxft.models.attention import attention
+from jaxft.models.layers import Dense, Keys, RMSNorm
 
 Array = jax.Array
 LATENT_EPS = 1e-6
 
 
-def _attend(q: Array, k: Array, v: Array, mask: Array, scale: float, rate: float, key) -> Array:
-    """`attention` for values narrower than the queries/keys: `v` is zero-padded to their width and the
-    padding cut from the output (`jax.nn.dot_product_attention` wants one head width)."""
-    width = v.shape[-1]
-    v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - width)])
-    return attention(q, k, v, mask, scale=scale, dropout_rate=rate, dropout_key=key)[..., :width]
+def _attend(q: Array, k: Array, v: Array, mask, scale: float, rate: float, key) -> Array:
+    """`attention` with values narrower than the queries/keys (`attention` handles the widths)."""
+    return attention(q, k, v, mask, scale=scale, dropout_rate=rate, dropout_key=key)
 
 
 class MLA(nnx.Module):

@@ -19,6 +19,8 @@ class RunOptions:
     param_dtype: str = "float32"    # stored parameters
     remat: str = "none"             # `jaxft.models.layers.REMAT_POLICIES`, per block
     scan_layers: bool = False       # stack the blocks and run them with jax.lax.scan (`layers.run_layers`)
+    attention: str = "auto"         # auto | plain | blockwise (`jaxft.models.attention`)
+    attention_block: int = 512      # query/key block of blockwise attention
 
     def kw(self) -> dict:
         """The `dtype` / `param_dtype` keyword arguments every layer takes."""

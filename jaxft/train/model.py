@@ -71,7 +71,7 @@ def load_run_model(cfg: Config, model_dir: str | Path, mesh=None, num_labels: in
     m = cfg.model
     model = load_model(model_dir, m.task, num_labels=num_labels, dtype=m.dtype, param_dtype=m.param_dtype,
                        mesh=mesh, seed=cfg.train.seed, remat=m.remat, scan_layers=m.scan_layers,
-                       quantize=m.quantize)
+                       quantize=m.quantize, attention=m.attention, attention_block=m.attention_block)
     return with_adapters(model, cfg, mesh)
 
 

@@ -68,7 +68,7 @@ class CausalLMTask(Supervised):
     model_kwargs: dict = {}
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
-        self.loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef)
+        self.loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens)
         self.splits, reports, template = build_sft_data(cfg, tokenizer, splits)
         if "train" in splits:
             write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in reports])
