@@ -150,6 +150,21 @@ class DistillSection(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term; 1 − alpha weighs the task loss")
 
 
+class SamplesSection(Section):
+    """Greedy generations of fixed prompts during training (causal LMs; `jaxft.train.samples`)."""
+
+    prompts: list[str] = Field(default_factory=list, description="the prompts, as text")
+    file: str | None = Field(None, description="or a text file of prompts, one per line")
+    every: int = Field(100, ge=1, description="steps between samples (and at the last step)")
+    max_new_tokens: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if bool(self.prompts) == bool(self.file):
+            raise ValueError("train.samples needs prompts or file (one of them)")
+        return self
+
+
 OBJECTIVES = ("supervised", "distill", "dpo", "ipo", "simpo", "orpo")
 
 
@@ -175,6 +190,8 @@ class TrainSection(Section):
                                            "or a preference objective on {prompt, chosen, rejected} rows")
     dpo: PreferenceSection = PreferenceSection()
     distill: DistillSection = DistillSection()
+    samples: SamplesSection | None = Field(None, description="greedy generations of fixed prompts in samples.jsonl "
+                                           "and TensorBoard (causal LMs)")
 
     @model_validator(mode="after")
     def _accum_divides(self):
@@ -242,6 +259,12 @@ class Config(Section):
                     raise ValueError(f"{key} applies to sequence-classification, not model.task=causal-lm")
         elif self.data.packing:
             raise ValueError("data.packing applies to model.task=causal-lm")
+        return self
+
+    @model_validator(mode="after")
+    def _samples_need_a_causal_lm(self):
+        if self.train.samples is not None and self.model.task != "causal-lm":
+            raise ValueError("train.samples generates text: it applies to model.task=causal-lm")
         return self
 
     @model_validator(mode="after")

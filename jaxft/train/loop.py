@@ -37,6 +37,7 @@ from jaxft.train.logger import RunLogger
 from jaxft.train.model import base_record, check_base, load_run_model
 from jaxft.train.run import checkpoints_of, claim_run_dir, setup_logging, start_run_log
 from jaxft.train.step import Functional, init_state, make_eval_step, make_train_step
+from jaxft.train.samples import Sampler
 from jaxft.train.tasks import make_task, param_count
 
 log = logging.getLogger("jaxft")
@@ -173,6 +174,8 @@ class Trainer:
             if not (self.run_dir / "tokenizer").exists():
                 tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         self.logger = RunLogger(self.run_dir)
+        self.sampler = None if cfg.train.samples is None else Sampler(  # greedy generations of fixed prompts
+            cfg.train.samples, tokenizer, self.run_dir, run_model.model, self.total)
         self.spikes = SpikeDetector(cfg.train.spike_factor)
 
     def _check_resume_config(self, meta: dict) -> None:
@@ -253,6 +256,8 @@ class Trainer:
                     batch_log.write(json.dumps({"step": self.step, "example_ids": ids[-1][1]}) + "\n")
                     batch_log.flush()
                 self.bar.update(1)
+                if self.sampler and self.sampler.due(self.step):
+                    self.sampler.sample(self.step, self.fn, self.state["params"], self.logger)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     self.log_window(pending, ids, window)
                     pending, ids, window = [], [], Window(self.compiles)
