@@ -142,7 +142,8 @@ class Teacher:
             m = cfg.model
             num_labels = self.num_labels if m.task == "sequence-classification" else None
             model = load_model(self.folder, m.task, num_labels=num_labels, dtype=m.dtype,
-                               param_dtype=m.param_dtype, mesh=mesh, seed=cfg.train.seed, remat=m.remat)
+                               param_dtype=m.param_dtype, mesh=mesh, seed=cfg.train.seed, remat=m.remat,
+                               attention=m.attention, attention_block=m.attention_block)
         return Functional(model, trainable=lambda path, v: False)
 
 
