@@ -5,6 +5,7 @@ tiny student distilled from a larger random teacher through `jaxft train` gets c
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -157,3 +158,25 @@ def test_distill_pipeline_student_approaches_teacher_which_stays_frozen(models, 
     assert set(again.frozen_model.frozen) == set(trainer.state["params"])
     for k, v in again.frozen_model.frozen.items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(trainer.state["params"][k]), err_msg=k)
+
+
+def test_make_student_keeps_the_first_layers(tmp_path, minilm_dir):
+    """scripts/make_student.py: the student's weights are the source's embeddings and first N layers, with its
+    tokenizer (so the distillation tokenizer check passes)."""
+    import sys
+
+    from safetensors.numpy import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_student import make_student
+
+    src = save_tiny_bert(tmp_path / "src", num_hidden_layers=3, random_init=True, tokenizer_from=minilm_dir)
+    out = make_student(str(src), tmp_path / "student", layers=2)
+    a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    b = {k.removeprefix("bert."): v for k, v in b.items()}
+    a = {k.removeprefix("bert."): v for k, v in a.items() if not k.startswith("classifier")}
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert set(b) == {k for k in a if "layer.2." not in k}
+    for k, v in b.items():
+        np.testing.assert_array_equal(v, a[k], err_msg=k)
+    assert (out / "tokenizer.json").exists()
