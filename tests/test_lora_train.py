@@ -84,7 +84,12 @@ def test_lora_step_skips_base_weight_gradients(tmp_path):
     assert lora_flops < 0.75 * full_flops, (lora_flops, full_flops)
     # arguments: the donated state (params + Adam moments) shrinks to the adapters'
     assert lora_mem.output_size_in_bytes < 0.3 * full_mem.output_size_in_bytes
-    assert lora_mem.temp_size_in_bytes < full_mem.temp_size_in_bytes
+    # and what the device holds while the step runs: arguments + temporaries + outputs not written in place.
+    # (Temporaries alone are not lower: without base gradients LoRA still keeps every layer's input for the
+    # adapters' gradients, plus the adapters' own activations.)
+    footprint = lambda m: (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                           - m.alias_size_in_bytes)
+    assert footprint(lora_mem) < 0.85 * footprint(full_mem), (footprint(lora_mem), footprint(full_mem))
 
 
 def test_cli_lora_run_trains_exports_and_refuses_another_base(tmp_path, capsys):
