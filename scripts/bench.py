@@ -3,6 +3,8 @@
     python scripts/bench.py                       # all-MiniLM-L6-v2, batch 32 × 64 tokens (the SST-2 recipe)
     python scripts/bench.py --repeats 7 --steps 10
     python scripts/bench.py --moe                 # also: one MoE layer, 8 vs 64 experts (scripts/bench_moe.py)
+    python scripts/bench.py --lora                # also: LoRA vs full fine-tuning of a SmolLM2-135M-shaped
+                                                  # Llama, 8 × 256 (scripts/bench_lora.py, its defaults)
 
 Each side runs `--repeats` timed windows of `--steps` optimizer steps (AdamW + clipping + linear warmup
 schedule, dropout on) after a warm-up that includes compilation; the medians are reported, with their
@@ -138,6 +140,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per side (medians are reported)")
     p.add_argument("--moe", action="store_true", help="also run scripts/bench_moe.py")
+    p.add_argument("--lora", action="store_true", help="also run scripts/bench_lora.py (LoRA vs full, 135M Llama)")
     args = p.parse_args()
 
     from jaxft.hf.load import resolve
@@ -163,11 +166,12 @@ def main() -> None:
         "train_gflop_per_step": round(flops / 1e9, 2),
     }
     print(json.dumps(result, indent=2))
-    if args.moe:
-        import runpy
+    import runpy
 
-        sys.argv = [str(Path(__file__).with_name("bench_moe.py"))]
-        runpy.run_path(sys.argv[0], run_name="__main__")
+    for flag, script in (("moe", "bench_moe.py"), ("lora", "bench_lora.py")):
+        if getattr(args, flag):
+            sys.argv = [str(Path(__file__).with_name(script))]
+            runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 if __name__ == "__main__":
