@@ -13,7 +13,7 @@ from jaxft.data.batches import Batches
 from jaxft.data.clean import CleanReport, LabelMap, Rows, clean
 from jaxft.data.sft import SFTReport, build_sft, pack
 from jaxft.data.sources import DataError, load_table, require_column
-from jaxft.data.tokenize import Encoded, cache_dir, encode
+from jaxft.data.tokenize import cache_dir, encode
 
 log = logging.getLogger("jaxft")
 SPLITS = ("train", "validation", "test")
@@ -126,25 +126,35 @@ def chat_template(cfg: Config) -> str | None:
     return t
 
 
-def build_sft_data(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS,
-                   ) -> tuple[dict[str, Batches], list[SFTReport], str | None]:
-    """Causal-LM splits: tokenized with loss masks, carved, optionally packed, batched."""
-    d = cfg.data
+def encode_chat_splits(cfg: Config, tokenizer, splits: tuple[str, ...], build, kind: str):
+    """The causal-LM data path shared by SFT and preference rows: resolve the chat template, read each
+    configured split, encode it with `build(table, tokenizer, data_section, split) -> (encoded, report)`,
+    log the report and carve the validation split. → `(data section, encoded {split: ...}, reports, template)`."""
     template = chat_template(cfg)
-    d = d.model_copy(update={"chat_template": template})
-    encoded: dict[str, Encoded] = {}
-    reports = []
+    d = cfg.data.model_copy(update={"chat_template": template})
+    encoded, reports = {}, []
     for split in splits:
         spec = getattr(d, split)
         if spec is None:
             continue
         table = load_table(spec, f"data.{split}", d.max_train_rows if split == "train" else None)
-        encoded[split], report = build_sft(table, tokenizer, d, split)
-        log.info("sft %s", report.summary())
+        encoded[split], report = build(table, tokenizer, d, split)
+        log.info("%s %s", kind, report.summary())
         reports.append(report)
     carve_validation(encoded, cfg)
+    return d, encoded, reports, template
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches pad with: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def build_sft_data(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS,
+                   ) -> tuple[dict[str, Batches], list[SFTReport], str | None]:
+    """Causal-LM splits: tokenized with loss masks, carved, optionally packed, batched."""
+    d, encoded, reports, template = encode_chat_splits(cfg, tokenizer, splits, build_sft, "sft")
+    pad_id = pad_token_id(tokenizer)
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     splits = {}
     for split, enc in encoded.items():

@@ -21,7 +21,6 @@ puts both sides through one forward pass (`jaxft.train.preference`).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +28,9 @@ import numpy as np
 from jaxft.config import Config
 from jaxft.data.batches import Batches
 from jaxft.data.sft import SFTReport, _render, encode_chat, encode_prompt_completion
-from jaxft.data.sources import DataError, load_table
+from jaxft.data.sources import DataError
 from jaxft.data.tokenize import Encoded
 
-log = logging.getLogger("jaxft")
 SIDES = ("chosen", "rejected")
 
 
@@ -149,21 +147,10 @@ class PairBatches(Batches):
 
 def build_preference_data(cfg: Config, tokenizer, splits) -> tuple[dict[str, PairBatches], list[SFTReport], str | None]:
     """Preference splits: encoded pairs, carved (`data.validation_fraction`), batched."""
-    from jaxft.data import carve_validation, chat_template
+    from jaxft.data import encode_chat_splits, pad_token_id
 
-    template = chat_template(cfg)
-    d = cfg.data.model_copy(update={"chat_template": template})
-    encoded, reports = {}, []
-    for split in splits:
-        spec = getattr(d, split)
-        if spec is None:
-            continue
-        table = load_table(spec, f"data.{split}", d.max_train_rows if split == "train" else None)
-        encoded[split], report = build_pairs(table, tokenizer, d, split)
-        log.info("preference %s", report.summary())
-        reports.append(report)
-    carve_validation(encoded, cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    d, encoded, reports, template = encode_chat_splits(cfg, tokenizer, splits, build_pairs, "preference")
+    pad_id = pad_token_id(tokenizer)
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     out = {split: PairBatches(pairs, cfg.train.batch_size if split == "train" else eval_bs, pad_id=pad_id,
                               max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
