@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.hf.table import Flatten, Linear, NameTable, Rule
 from jaxft.models.options import RunOptions
 from jaxft.models.attention import Mask, attention
-from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, dropout, make_layers, residual, run_layers
+from jaxft.models.dropout import dropout
+from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, make_layers, residual, run_layers
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from jaxft.hf.table import IDENTITY, Conv1D, Flatten, Linear, NameTable, Rule
 from jaxft.models import causal
 from jaxft.models.options import RunOptions
 from jaxft.models.attention import attention
-from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, dropout, make_layers, residual, run_layers
+from jaxft.models.dropout import dropout
+from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, make_layers, residual, run_layers
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.models.dropout import dropout, keep_mask  # noqa: F401  (re-exported: every layer's dropout)
 from jaxft.models.lora import layer_scope
 from jaxft.parallel import constrain
 
