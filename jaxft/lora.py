@@ -11,7 +11,7 @@ output head (`lm_head`, `classifier`), as peft's `all-linear`. A module's HF nam
 name table (the rule of its kernel), which also gives the layout peft stores its adapter in.
 
 DeepSeek's routed experts are linear modules by their checkpoint names (`mlp.experts.E.gate_proj`, one per
-expert; `transformers` 5 fuses them in memory), so a regex naming them (`experts\..*`) or `all-linear`
+expert; `transformers` 5 fuses them in memory), so a regex naming them (`experts\\..*`) or `all-linear`
 adapts them: one adapter per expert, stacked along the kernel's `expert` axis (`jaxft.models.moe.Stacked`).
 With peft 0.21 and transformers 5, peft's `all-linear` on DeepSeek adapts the routed experts and the
 router but not the dense MLP or the shared experts (its v4→v5 name remapping sends every `*_proj` name to
