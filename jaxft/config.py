@@ -93,6 +93,8 @@ class DataSection(Section):
     clean: CleanSection = CleanSection()
     on_bad_rows: Literal["skip", "error"] = "skip"
     cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/jaxft")
+    tfds_data_dir: str | None = Field(None, description="where tfds:NAME[/CONFIG]:SPLIT sources are prepared "
+                                      "(ArrayRecord; a folder or a bucket path); default: TFDS's own")
     # causal-LM supervised fine-tuning (see jaxft/data/sft.py)
     format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
     prompt_field: str = "prompt"

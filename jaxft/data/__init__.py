@@ -30,7 +30,7 @@ def _read_rows(cfg: Config, split: str) -> Rows:
     d = cfg.data
     spec = getattr(d, split)
     key = f"data.{split}"
-    table = load_table(spec, key, d.max_train_rows if split == "train" else None)
+    table = load_table(spec, key, d.max_train_rows if split == "train" else None, d.tfds_data_dir)
     text = require_column(table, d.text_field, "data.text_field", spec)
     pair = require_column(table, d.text_pair_field, "data.text_pair_field", spec) if d.text_pair_field else None
     label = require_column(table, d.label_field, "data.label_field", spec)
@@ -137,7 +137,7 @@ def encode_chat_splits(cfg: Config, tokenizer, splits: tuple[str, ...], build, k
         spec = getattr(d, split)
         if spec is None:
             continue
-        table = load_table(spec, f"data.{split}", d.max_train_rows if split == "train" else None)
+        table = load_table(spec, f"data.{split}", d.max_train_rows if split == "train" else None, d.tfds_data_dir)
         encoded[split], report = build(table, tokenizer, d, split)
         log.info("%s %s", kind, report.summary())
         reports.append(report)

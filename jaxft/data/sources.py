@@ -1,7 +1,10 @@
-"""Where rows come from: local files (tsv, csv, jsonl, json, parquet) or `hf:NAME[/CONFIG]:SPLIT`.
+"""Where rows come from: local files (tsv, csv, jsonl, json, parquet), `hf:NAME[/CONFIG]:SPLIT` or
+`tfds:NAME[/CONFIG]:SPLIT`.
 
-Everything is read through `datasets` (Arrow-backed, cached); TSV is read without quote processing,
+Files and Hub sets are read through `datasets` (Arrow-backed, cached); TSV is read without quote processing,
 since real TSV corpora (SST-2, AG News) contain unbalanced quotes that CSV quoting would swallow.
+TFDS sets are read with `tfds.data_source` (random access over ArrayRecord files, no TensorFlow) from a
+prepared copy in `data.tfds_data_dir`; see `jaxft.data.tfds_source`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ class DataError(ValueError):
     """A data problem; the message names the file, key, row or field."""
 
 
-def load_table(spec: str, key: str, limit: int | None = None) -> dict[str, list]:
-    """Read a data spec into columns `{name: [values]}`. `key` (e.g. `data.train`) names it in errors."""
+def load_table(spec: str, key: str, limit: int | None = None, tfds_data_dir: str | None = None) -> dict[str, list]:
+    """Read a data spec into columns `{name: [values]}`. `key` (e.g. `data.train`) names it in errors;
+    `tfds_data_dir` is where `tfds:` specs are read from (None: TFDS's default, ~/tensorflow_datasets)."""
+    if spec.startswith("tfds:"):
+        from jaxft.data.tfds_source import load_tfds
+
+        return load_tfds(spec, key, limit, tfds_data_dir)
     import datasets
 
     datasets.disable_progress_bars()
