@@ -236,6 +236,33 @@ class CheckpointSection(Section):
                               "run aside to OUTPUT_DIR.old-TIMESTAMP and start over")
 
 
+class TaskSpec(Section):
+    """One task of a multi-task run (`tasks:`; `jaxft.train.multitask`): its data and its share of the shared head."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names the task's metrics (NAME/accuracy) and "
+                      "its export folder")
+    train: str = Field(description="the task's train source (as data.train)")
+    validation: str | None = None
+    test: str | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    num_labels: int | None = Field(None, ge=1, description="default: from the label map of the task's train data")
+    max_train_rows: int | None = Field(None, ge=1, description="use only the first N train rows of this task")
+    loss_weight: float = Field(1.0, gt=0, description="multiplies this task's loss; also its weight in the mean "
+                               "eval metrics")
+    weight: float | None = Field(None, gt=0, description="sampling.strategy=fixed: this task's share of the "
+                                 "batches (normalised over the tasks)")
+
+
+class SamplingSection(Section):
+    """Which task each training batch comes from (multi-task runs)."""
+
+    strategy: Literal["proportional", "temperature", "fixed"] = Field(
+        "proportional", description="p_i ∝ n_i (train examples), ∝ n_i^(1/temperature), or ∝ tasks[i].weight")
+    temperature: float = Field(2.0, gt=0, description="strategy=temperature: T (1 = proportional, ∞ → uniform)")
+
+
 class Config(Section):
     model: ModelSection
     data: DataSection = DataSection()
@@ -244,6 +271,32 @@ class Config(Section):
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     output_dir: str = "runs/default"
+    tasks: list[TaskSpec] | None = Field(None, description="multi-task learning: tasks sharing one encoder, "
+                                         "each with its own data and labels (replaces data.train/validation/test)")
+    sampling: SamplingSection = SamplingSection()
+
+    @model_validator(mode="after")
+    def _tasks_fit(self):
+        if not self.tasks:
+            if self.tasks is not None:
+                raise ValueError("tasks: is an empty list; give at least one task or drop the key")
+            return self
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: names must be distinct (got {names})")
+        if self.model.task != "sequence-classification" or self.train.objective != "supervised":
+            raise ValueError("tasks: multi-task learning trains sequence-classification heads with "
+                             "train.objective=supervised")
+        for key in ("train", "validation", "test"):
+            if getattr(self.data, key) is not None:
+                raise ValueError(f"data.{key} and tasks: both set; with tasks each task names its own splits")
+        if self.model.num_labels is not None:
+            raise ValueError("model.num_labels with tasks: set tasks[i].num_labels per task instead")
+        if self.sampling.strategy == "fixed":
+            unset = [t.name for t in self.tasks if t.weight is None]
+            if unset:
+                raise ValueError(f"sampling.strategy=fixed needs tasks[i].weight for every task (missing: {unset})")
+        return self
 
     @model_validator(mode="after")
     def _quantize_needs_lora(self):
@@ -294,7 +347,8 @@ class Config(Section):
         """The (metric, mode) that picks the best checkpoint, with the task's defaults filled in."""
         es = self.train.early_stopping
         metric = es.metric or ("accuracy" if self.model.task == "sequence-classification" else "loss")
-        return metric, es.mode or ("min" if metric in ("loss", "perplexity") else "max")
+        # a multi-task metric is TASK/NAME (jaxft.train.multitask): its mode follows NAME
+        return metric, es.mode or ("min" if metric.rsplit("/", 1)[-1] in ("loss", "perplexity") else "max")
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

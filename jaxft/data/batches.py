@@ -28,6 +28,10 @@ class Position:
     def to_json(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Position":
+        return cls(**d)
+
 
 class Batches:
     """Batches over ragged examples (`Encoded`) plus optional per-example arrays (e.g. `labels`).

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from jaxft import parallel
 from jaxft.compilation import CompileCounter, enable_persistent_cache
 from jaxft.config import Config, ConfigError, save_config
-from jaxft.data.batches import Position, to_device
+from jaxft.data.batches import to_device
 from jaxft.hf.load import read_hf_config, resolve
 from jaxft.optim import make_optimizer
 from jaxft.plan import preflight
@@ -119,8 +119,8 @@ class Window:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        if cfg.data.train is None:
-            raise ConfigError("data.train is required for training")
+        if cfg.data.train is None and not cfg.tasks:
+            raise ConfigError("data.train (or tasks:) is required for training")
         self.cfg, self.run_dir = cfg, Path(cfg.output_dir)
         parallel.initialize_from_config(cfg.mesh)  # jax.distributed on multi-host runs; before JAX starts
         self.xla_cache = enable_persistent_cache()  # before the first compilation
@@ -159,7 +159,7 @@ class Trainer:
             check_base(resume_meta.get("base"), cfg, model_dir)
             restored, meta = self.ckpts.restore(resume, target)
             self.state = {"params": restored["params"], **restored["train"]}
-            self.batches.position = Position(**meta["data"])
+            self.batches.position = self.batches.position.from_json(meta["data"])  # Position or MultiPosition
             self.stopper = EarlyStopper(self.metric, mode, patience, **meta["early_stopping"])
             log.info("resumed from step %d of %s", resume, self.run_dir)
         self.step = int(resume or 0)

@@ -10,8 +10,9 @@
     task.export_kwargs      extra `save_pretrained` arguments (labels, chat template)
 
 `train.objective` picks the class (`OBJECTIVES`): `supervised` is the model head's own loss (`TASKS`, by
-`model.task`); distill adds a frozen teacher's soft labels to it (`jaxft.train.distill`); dpo, ipo, simpo
-and orpo train a causal LM on preference pairs (`jaxft.train.preference`).
+`model.task`, or several tasks on one encoder when the config lists `tasks:`, `jaxft.train.multitask`);
+distill adds a frozen teacher's soft labels to it (`jaxft.train.distill`); dpo, ipo, simpo and orpo train a
+causal LM on preference pairs (`jaxft.train.preference`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jaxft.train.evaluate import evaluate_classification
 from jaxft.models.moe import RouterStats, router_metrics
 from jaxft.train.losses import classification_loss, make_causal_lm_loss
 from jaxft.train.distill import DistillObjective
+from jaxft.train.multitask import MultiTaskObjective
 from jaxft.train.preference import PreferenceObjective
 from jaxft.train.run import read_labels, write_json
 
@@ -99,7 +101,14 @@ def evaluate_causal_lm(eval_step, params, batches: Batches, mesh) -> dict:
 
 
 TASKS = {"sequence-classification": ClassificationTask, "causal-lm": CausalLMTask}
-OBJECTIVES = {"supervised": lambda cfg, *a: TASKS[cfg.model.task](cfg, *a), "distill": DistillObjective,
+
+
+def supervised(cfg: Config, *args):
+    """The model head's own loss: the task of `model.task`, or of several tasks on one encoder (`tasks:`)."""
+    return MultiTaskObjective(cfg, *args) if cfg.tasks else TASKS[cfg.model.task](cfg, *args)
+
+
+OBJECTIVES = {"supervised": supervised, "distill": DistillObjective,
               **{kind: PreferenceObjective for kind in ("dpo", "ipo", "simpo", "orpo")}}
 
 
