@@ -70,6 +70,15 @@ class ModelSection(Section):
     lora: LoraSection = LoraSection()
     quantize: Literal["int8", "nf4"] | None = Field(None, description="QLoRA: store the frozen base quantised "
                                                     "(needs model.lora.rank)")
+    hidden_dropout: float | None = Field(None, ge=0, lt=1, description="overrides the checkpoint's hidden "
+                                         "dropout (BERT hidden_dropout_prob; GPT-2 resid_pdrop and embd_pdrop); "
+                                         "null = the checkpoint's")
+    attention_dropout: float | None = Field(None, ge=0, lt=1, description="overrides the checkpoint's attention "
+                                            "dropout (BERT attention_probs_dropout_prob, GPT-2 attn_pdrop, "
+                                            "Llama/Mistral/Qwen/DeepSeek attention_dropout); null = the checkpoint's")
+    freeze_embeddings: bool = Field(False, description="keep the embeddings fixed (with tied embeddings, the "
+                                    "output head too)")
+    freeze_layers: int = Field(0, ge=0, description="keep the first k blocks fixed")
 
 
 class CleanSection(Section):
@@ -121,7 +130,13 @@ class OptimSection(Section):
     b2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     clip_norm: float | None = Field(1.0, gt=0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    schedule: Literal["linear", "cosine", "constant", "cosine_restarts", "polynomial"] = "linear"
+    cycles: int = Field(1, ge=1, description="cosine_restarts: cosine decays to 0 after the warmup, each "
+                        "restarting at lr (transformers' num_cycles)")
+    power: float = Field(1.0, gt=0, description="polynomial: lr decays as (1 − progress)^power")
+    end_lr: float = Field(0.0, ge=0, description="polynomial: the lr at the last step")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay d: block l of L gets "
+                                      "lr·d^(L−l), the embeddings lr·d^(L+1), the head lr (jaxft.layerwise)")
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, le=1)
 
@@ -129,6 +144,16 @@ class OptimSection(Section):
     def _one_warmup(self):
         if self.warmup_steps is not None and self.warmup_ratio:
             raise ValueError("set optim.warmup_steps or optim.warmup_ratio, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_keys(self):
+        for key, default, schedule in (("cycles", 1, "cosine_restarts"), ("power", 1.0, "polynomial"),
+                                       ("end_lr", 0.0, "polynomial")):
+            if getattr(self, key) != default and self.schedule != schedule:
+                raise ValueError(f"optim.{key} applies to optim.schedule={schedule}, not {self.schedule}")
+        if self.end_lr >= self.lr and self.schedule == "polynomial":
+            raise ValueError(f"optim.end_lr={self.end_lr} must be below optim.lr={self.lr}")
         return self
 
 
@@ -194,6 +219,8 @@ class TrainSection(Section):
     distill: DistillSection = DistillSection()
     samples: SamplesSection | None = Field(None, description="greedy generations of fixed prompts in samples.jsonl "
                                            "and TensorBoard (causal LMs)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="supervised training loss (1−ε)·CE + ε·mean over "
+                                   "classes (vocabulary) of −log p; evaluation reports the plain CE")
 
     @model_validator(mode="after")
     def _accum_divides(self):
@@ -325,6 +352,9 @@ class Config(Section):
     @model_validator(mode="after")
     def _objective_fits(self):
         obj, p = self.train.objective, self.train.dpo
+        if self.train.label_smoothing and obj != "supervised":
+            raise ValueError(f"train.label_smoothing applies to train.objective=supervised, not {obj}"
+                             + (" (see train.dpo.label_smoothing)" if obj in ("dpo", "simpo") else ""))
         if obj == "supervised":
             return self
         if obj == "distill":

@@ -126,7 +126,8 @@ def abstract_model(cfg: Config) -> tuple[nnx.Module, str]:
     folder = resolve(cfg.model.name_or_path)
     m = cfg.model
     options = RunOptions(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                         attention=m.attention, attention_block=m.attention_block)
+                         attention=m.attention, attention_block=m.attention_block, hidden_dropout=m.hidden_dropout,
+                         attention_dropout=m.attention_dropout)
     hf, family, mcfg = model_config(folder, m.task, options, m.num_labels)
     model = abstract_module(family.modules[cfg.model.task], mcfg)
     model.hf_config = hf.to_dict()
@@ -223,7 +224,7 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     if B % (dp * accum):
         raise ValueError(f"train.batch_size={B} must be divisible by the data-parallel devices ({dp}) × "
                          f"train.grad_accum ({accum}) = {dp * accum}")
-    tx, lr = make_optimizer(cfg.optim, cfg.train.steps or 1000)
+    tx, lr = make_optimizer(cfg.optim, cfg.train.steps or 1000, run_model.layers, run_model.slice_masks(fn.params))
     fn.mesh = mesh
     shard = state_shardings(fn, tx, mesh)
     frozen_shard = {k: parallel.sharding(fn.axes[k], v.shape, mesh) for k, v in fn.frozen.items()}

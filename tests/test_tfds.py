@@ -41,11 +41,13 @@ def example(i: int) -> dict:
 
 
 def tiny_reviews_builder():
-    """A builder of two splits of sentences with a ClassLabel, an int and an array feature, kept out of TFDS's
-    registry: our code finds the data set by name from its prepared files only."""
+    """A builder of two splits of sentences with a ClassLabel, an int and an array feature, in two configs
+    (`full`, the default, and `short`: train rows 0-4 only), kept out of TFDS's registry: our code finds the
+    data set by name from its prepared files only."""
     with tfds.core.registered.skip_registration():
         class TinyReviews(tfds.core.GeneratorBasedBuilder):
             VERSION = tfds.core.Version("1.0.0")
+            BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="full"), tfds.core.BuilderConfig(name="short")]
 
             def _info(self):
                 return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
@@ -53,7 +55,8 @@ def tiny_reviews_builder():
                     "idx": np.int32, "scores": tfds.features.Tensor(shape=(2,), dtype=np.float32)}))
 
             def _split_generators(self, dl_manager):
-                return {"train": self._generate_examples(0, N_TRAIN),
+                short = self.builder_config.name == "short"
+                return {"train": self._generate_examples(0, 5 if short else N_TRAIN),
                         "test": self._generate_examples(N_TRAIN, N_TEST)}
 
             def _generate_examples(self, start, n):
@@ -67,7 +70,8 @@ def data_dir(tmp_path_factory) -> Path:
     if tfds is None:
         missing("tensorflow-datasets is not installed: pip install 'jaxft[tfds]'")
     root = tmp_path_factory.mktemp("tfds")
-    tiny_reviews_builder()(data_dir=str(root), file_format="array_record").download_and_prepare()
+    for config in ("full", "short"):
+        tiny_reviews_builder()(config=config, data_dir=str(root), file_format="array_record").download_and_prepare()
     return root
 
 
@@ -89,6 +93,9 @@ def test_columns_text_decoded_labels_ints(data_dir):
     assert sliced == {k: v[5:9] for k, v in t.items()}
     test = load_table("tfds:tiny_reviews:test", "data.test", tfds_data_dir=str(data_dir))
     assert sorted(test["idx"]) == list(range(N_TRAIN, N_TRAIN + N_TEST))
+    assert load_table("tfds:tiny_reviews/full:train", "data.train", tfds_data_dir=str(data_dir)) == t  # default
+    short = load_table("tfds:tiny_reviews/short:train", "data.train", tfds_data_dir=str(data_dir))
+    assert sorted(short["idx"]) == list(range(5))
 
 
 @pytest.mark.parametrize("spec, data_dir_given, expected", [
@@ -154,6 +161,7 @@ def test_stop_and_resume_on_a_tfds_source_is_bitwise_identical(run_config):
     assert len(batches("straight")) == 12 and batches("resumed") == batches("straight")
     # 39 usable rows (the undecodable one dropped), 4 full batches of 8 an epoch: 12 steps cross 2 epochs
     assert "1 undecodable bytes" in (tmp / "straight" / "train.log").read_text()
+    assert json.loads((tmp / "straight" / "labels.json").read_text())["values"] == [0, 1]  # ClassLabel ids
     exports = []
     for run in ("straight", "resumed"):
         assert main(["export", str(tmp / run), str(tmp / f"{run}_export")]) == 0

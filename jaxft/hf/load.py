@@ -25,7 +25,7 @@ from jaxft.models import get_family
 from jaxft.models.lora import LoRAParam
 from jaxft.models.moe import Buffer
 from jaxft.models.quant import QuantParam
-from jaxft.models.options import RunOptions
+from jaxft.models.options import RunOptions, with_dropout
 
 log = logging.getLogger("jaxft")
 
@@ -97,7 +97,7 @@ def flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
 def model_config(folder: Path, task: str, options: RunOptions, num_labels: int | None = None):
     """`(hf_config, family, config)` of the model in `folder` for `task`, run with `options`: what both
     loading and planning build the (abstract) module from."""
-    hf = read_hf_config(folder)
+    hf = with_dropout(read_hf_config(folder), options)  # model.hidden_dropout / attention_dropout overrides
     family = get_family(hf.model_type, task)
     if num_labels is None:
         num_labels = hf.num_labels if getattr(hf, "id2label", None) else 2
@@ -107,7 +107,8 @@ def model_config(folder: Path, task: str, options: RunOptions, num_labels: int |
 def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None,
                dtype: str = "float32", param_dtype: str = "float32", mesh=None, seed: int = 0,
                remat: str = "none", scan_layers: bool = False, quantize: str | None = None,
-               attention: str = "auto", attention_block: int = 512) -> nnx.Module:
+               attention: str = "auto", attention_block: int = 512, hidden_dropout: float | None = None,
+               attention_dropout: float | None = None) -> nnx.Module:
     """Load a Hugging Face checkpoint into jaxft (see the package docstring for the contract).
 
     `dtype` is the compute dtype, `param_dtype` the stored one; `mesh` places every tensor already
@@ -116,11 +117,13 @@ def load_model(name_or_path: str | os.PathLike, task: str = "causal-lm", num_lab
     `jax.lax.scan` (one compiled block whatever the depth); `quantize` (`int8` | `nf4`) stores every linear
     layer but the head quantised (`jaxft.models.quant`), each right after it is read, so the float base is
     never held whole; `attention` (`auto` | `plain` | `blockwise`) and `attention_block` choose how attention is
-    computed (`jaxft.models.attention`).
+    computed (`jaxft.models.attention`); `hidden_dropout` / `attention_dropout` override the checkpoint's
+    dropout rates (`jaxft.models.options.with_dropout`; the model's `hf_config` records them).
     """
     folder = resolve(name_or_path)
     options = RunOptions(dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
-                         attention=attention, attention_block=attention_block)
+                         attention=attention, attention_block=attention_block, hidden_dropout=hidden_dropout,
+                         attention_dropout=attention_dropout)
     hf, family, cfg = model_config(folder, task, options, num_labels)
     module_cls = family.modules[task]
     abstract = abstract_module(module_cls, cfg)

@@ -149,7 +149,7 @@ class Trainer:
         self.adapters = run_model.adapters
         self.base = base_record(cfg, model_dir)  # what a LoRA checkpoint was trained on
         self.fn = Functional(run_model.model, run_model.trainable)
-        tx, lr = make_optimizer(cfg.optim, self.total)
+        tx, lr = make_optimizer(cfg.optim, self.total, run_model.layers, run_model.slice_masks(self.fn.params))
         self.state = init_state(self.fn, tx, cfg.train.seed)
         self.metric, mode = cfg.early_stopping()
         patience = cfg.train.early_stopping.patience
@@ -167,7 +167,8 @@ class Trainer:
         self.frozen_model = second = self.task.frozen_model(lambda: self.fn)  # fn still holds the starting point
         preflight(cfg, self.fn, self.state, self.mesh, self.task.loss, frozen_model=second)  # warns before an OOM
         self.train_step = make_train_step(self.fn, self.task.loss, tx, lr, cfg.train.grad_accum, second)
-        self.eval_step = make_eval_step(self.fn, self.task.loss, second)
+        # evaluation without the training-only loss terms (label smoothing) where the task has such a loss
+        self.eval_step = make_eval_step(self.fn, getattr(self.task, "eval_loss", self.task.loss), second)
         if jax.process_index() == 0:  # every refusal comes before this point: the run directory is written from here
             start_run_log(self.run_dir)
             save_config(cfg, self.run_dir / "config.yaml")

@@ -4,6 +4,10 @@
 
 so that gradient accumulation and multi-device reductions divide once, by the total weight, and give
 exactly the large-batch result (a mean of means would not when micro-batches differ in weight).
+
+Label smoothing (`train.label_smoothing` = ε) trains on (1 − ε)·CE + ε·mean over the C classes (the
+vocabulary, for a causal LM) of −log p, as `torch.nn.functional.cross_entropy(label_smoothing=ε)`. Tasks
+evaluate with the plain CE (ε = 0): eval loss and perplexity stay comparable across runs.
 """
 
 from __future__ import annotations
@@ -17,20 +21,36 @@ from jaxft.config import LOSS_CHUNK_TOKENS
 Array = jax.Array
 
 
-def classification_loss(model, batch, dropout_rng):
-    """Softmax cross-entropy of `logits [B, C]` against integer labels; padding rows have weight 0."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   token_type_ids=batch["token_type_ids"], dropout_rng=dropout_rng)
-    w = batch["weights"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-    return jnp.sum(ce * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct * w), "logits": logits}
+def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
+    """Per-position `(1 − ε)·(−log p[label]) + ε·mean_c(−log p_c)` over the last axis of `logits`."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
 
 
+def make_classification_loss(label_smoothing: float = 0.0):
+    """Softmax cross-entropy (label-smoothed by ε) of `logits [B, C]` against integer labels; padding rows
+    have weight 0."""
+
+    def classification_loss(model, batch, dropout_rng):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       token_type_ids=batch["token_type_ids"], dropout_rng=dropout_rng)
+        w = batch["weights"]
+        ce = cross_entropy(logits, batch["labels"], label_smoothing)
+        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+        return jnp.sum(ce * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct * w), "logits": logits}
+
+    return classification_loss
+
+
+classification_loss = make_classification_loss()
 LOSSES = {"sequence-classification": classification_loss}
 
 
-def chunked_cross_entropy(model, h: Array, targets: Array, weights: Array, chunk_tokens: int) -> Array:
+def chunked_cross_entropy(model, h: Array, targets: Array, weights: Array, chunk_tokens: int,
+                          label_smoothing: float = 0.0) -> Array:
     """`Σ weights · CE(logits, targets)` with `logits = model.logits(h)`, computed over chunks of the sequence
     so that `[B, T, V]` logits never exist: `h [B, T, D]`, `targets`, `weights [B, T]`.
 
@@ -43,7 +63,7 @@ def chunked_cross_entropy(model, h: Array, targets: Array, weights: Array, chunk
     B, T = targets.shape
     c = T if chunk_tokens <= 0 else min(T, max(1, chunk_tokens // B))
     if c >= T:
-        ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(h), targets)
+        ce = cross_entropy(model.logits(h), targets, label_smoothing)
         return jnp.sum(ce * weights)
     n = -(-T // c)
     pad = n * c - T   # the tail of the last chunk: zero hidden states, weight 0
@@ -55,14 +75,15 @@ def chunked_cross_entropy(model, h: Array, targets: Array, weights: Array, chunk
     @jax.checkpoint
     def body(total, xs):
         h_c, t_c, w_c = xs
-        ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(h_c), t_c)
+        ce = cross_entropy(model.logits(h_c), t_c, label_smoothing)
         return total + jnp.sum(ce * w_c), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(h), chunks(targets), chunks(weights)))
     return total
 
 
-def make_causal_lm_loss(aux_loss_coef: float = 0.0, chunk_tokens: int = LOSS_CHUNK_TOKENS):
+def make_causal_lm_loss(aux_loss_coef: float = 0.0, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                        label_smoothing: float = 0.0):
     """Next-token cross-entropy on the tokens whose `loss_mask` is 1 (plus, for MoE models, the
     sequence-wise balance loss × `aux_loss_coef`, summed over MoE layers).
 
@@ -70,7 +91,8 @@ def make_causal_lm_loss(aux_loss_coef: float = 0.0, chunk_tokens: int = LOSS_CHU
     same packed document as its input (`segment_ids`; unpacked rows use the attention mask as their
     single segment, so padding is never a target). MoE models also report their router statistics:
     `moe_counts [layers, experts]` (tokens routed) and `moe_balance_loss`. The head and the loss run
-    over chunks of about `chunk_tokens` tokens (`train.loss_chunk_tokens`, `chunked_cross_entropy`).
+    over chunks of about `chunk_tokens` tokens (`train.loss_chunk_tokens`, `chunked_cross_entropy`);
+    `label_smoothing` smooths the CE over the vocabulary.
     """
 
     def causal_lm_loss(model, batch, dropout_rng):
@@ -82,7 +104,8 @@ def make_causal_lm_loss(aux_loss_coef: float = 0.0, chunk_tokens: int = LOSS_CHU
         w = target_ok.astype(jnp.float32) * batch["weights"][:, None]
         # position t's target is token t+1; the last position has none (weight 0)
         targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
-        loss_sum = chunked_cross_entropy(model, h, targets, jnp.pad(w, ((0, 0), (0, 1))), chunk_tokens)
+        loss_sum = chunked_cross_entropy(model, h, targets, jnp.pad(w, ((0, 0), (0, 1))), chunk_tokens,
+                                         label_smoothing)
         aux = {"weight": jnp.sum(w), "tokens": jnp.sum(batch["attention_mask"] * batch["weights"][:, None]),
                "slots": jnp.asarray(ids.size, jnp.float32)}
         if stats is not None:

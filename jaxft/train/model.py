@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 from jaxft.config import Config, ConfigError
+from jaxft.layerwise import LayerMap
 from jaxft.lora import Adapters, LoraSpec, apply_lora, base_fingerprint
 from jaxft.models.moe import is_router_param
 
@@ -28,6 +30,21 @@ class RunModel:
     model: nnx.Module
     trainable: Any                     # an NNX filter
     adapters: Adapters | None = None
+    layers: LayerMap | None = None     # the model's blocks (`optim.layer_decay`, `model.freeze_*`)
+    freeze: tuple[bool, int] = (False, 0)  # (model.freeze_embeddings, model.freeze_layers)
+
+    def slice_masks(self, params: dict) -> dict[str, np.ndarray]:
+        """For each trainable stacked parameter of which `model.freeze_layers` holds some slices fixed: its
+        per-slice mask (True = frozen) for the optimizer (`jaxft.optim.hold_slices`); a filter cannot split
+        an array."""
+        if self.layers is None or not any(self.freeze):
+            return {}
+        out = {}
+        for path, value in params.items():
+            mask = self.layers.frozen(path, tuple(value.shape), *self.freeze)
+            if isinstance(mask, np.ndarray) and mask.any():
+                out[path] = mask
+        return out
 
 
 def lora_spec(cfg: Config) -> LoraSpec | None:
@@ -38,15 +55,27 @@ def lora_spec(cfg: Config) -> LoraSpec | None:
                     train_modules=lo.train_modules)
 
 
-def trainable_filter(cfg: Config, adapters: Adapters | None):
-    """What trains: LoRA's adapters (+ `train_modules`), else every `nnx.Param` but a frozen router."""
-    if adapters is not None:
-        if cfg.model.moe.freeze_router:
-            return lambda path, v: adapters.trainable(path, v) and not is_router_param(_dotted(path))
-        return adapters.trainable
-    if cfg.model.moe.freeze_router:
-        return lambda path, v: isinstance(v, nnx.Param) and not is_router_param(_dotted(path))
-    return nnx.Param
+def trainable_filter(cfg: Config, adapters: Adapters | None, layers: LayerMap | None = None):
+    """What trains: LoRA's adapters (+ `train_modules`), else every `nnx.Param`; but not a frozen router
+    (`model.moe.freeze_router`), nor frozen embeddings or looped blocks (`model.freeze_embeddings`,
+    `model.freeze_layers`; a stack of scanned blocks is left out only when all its slices are frozen, else
+    `RunModel.slice_masks` holds the frozen slices)."""
+    base = adapters.trainable if adapters is not None else nnx.Param
+    m = cfg.model
+    freeze = (m.freeze_embeddings, m.freeze_layers)
+    if not m.moe.freeze_router and not any(freeze):
+        return base
+    test = nnx.filterlib.to_predicate(base)
+
+    def trainable(path, v) -> bool:
+        if not test(path, v):
+            return False
+        name = _dotted(path)
+        if m.moe.freeze_router and is_router_param(name):
+            return False
+        return not (any(freeze) and np.all(layers.frozen(name, tuple(v.get_value().shape), *freeze)))
+
+    return trainable
 
 
 def _dotted(path) -> str:
@@ -62,7 +91,15 @@ def with_adapters(model: nnx.Module, cfg: Config, mesh=None) -> RunModel:
             adapters = apply_lora(model, spec, mesh=mesh, seed=cfg.train.seed)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return RunModel(model, trainable_filter(cfg, adapters), adapters)
+    m, layers = cfg.model, None
+    if m.freeze_embeddings or m.freeze_layers or cfg.optim.layer_decay is not None:
+        layers = LayerMap.of({_dotted(p): tuple(v.get_value().shape)
+                              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
+    if layers is not None and cfg.model.freeze_layers > layers.num_layers:
+        raise ConfigError(f"model.freeze_layers={cfg.model.freeze_layers}: the model has {layers.num_layers} "
+                          f"layers")
+    return RunModel(model, trainable_filter(cfg, adapters, layers), adapters, layers,
+                    (cfg.model.freeze_embeddings, cfg.model.freeze_layers))
 
 
 def load_run_model(cfg: Config, model_dir: str | Path, mesh=None, num_labels: int | None = None) -> RunModel:
@@ -71,7 +108,8 @@ def load_run_model(cfg: Config, model_dir: str | Path, mesh=None, num_labels: in
     m = cfg.model
     model = load_model(model_dir, m.task, num_labels=num_labels, dtype=m.dtype, param_dtype=m.param_dtype,
                        mesh=mesh, seed=cfg.train.seed, remat=m.remat, scan_layers=m.scan_layers,
-                       quantize=m.quantize, attention=m.attention, attention_block=m.attention_block)
+                       quantize=m.quantize, attention=m.attention, attention_block=m.attention_block,
+                       hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout)
     return with_adapters(model, cfg, mesh)
 
 

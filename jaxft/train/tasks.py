@@ -28,7 +28,7 @@ from jaxft.data import SPLITS, build_classification_data, build_sft_data
 from jaxft.data.batches import Batches, to_device
 from jaxft.train.evaluate import evaluate_classification
 from jaxft.models.moe import RouterStats, router_metrics
-from jaxft.train.losses import classification_loss, make_causal_lm_loss
+from jaxft.train.losses import classification_loss, make_causal_lm_loss, make_classification_loss
 from jaxft.train.distill import DistillObjective
 from jaxft.train.multitask import MultiTaskObjective
 from jaxft.train.preference import PreferenceObjective
@@ -47,6 +47,7 @@ class Supervised:
 
 class ClassificationTask(Supervised):
     loss = staticmethod(classification_loss)
+    eval_loss = staticmethod(classification_loss)  # plain CE, whatever train.label_smoothing is
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
         data = build_classification_data(cfg, tokenizer, read_labels(run_dir) if resuming else None, splits)
@@ -56,6 +57,8 @@ class ClassificationTask(Supervised):
             write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in data.reports])
         self.model_kwargs = {"num_labels": len(self.label_map)}
         self.export_kwargs = {"id2label": self.label_map.id2label}
+        if cfg.train.label_smoothing:
+            self.loss = make_classification_loss(cfg.train.label_smoothing)
 
     @staticmethod
     def train_metrics(s: dict, n_steps: int) -> dict:
@@ -70,7 +73,10 @@ class CausalLMTask(Supervised):
     model_kwargs: dict = {}
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
-        self.loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens)
+        self.loss = self.eval_loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens)
+        if cfg.train.label_smoothing:
+            self.loss = make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens,
+                                            cfg.train.label_smoothing)
         self.splits, reports, template = build_sft_data(cfg, tokenizer, splits)
         if "train" in splits:
             write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in reports])
