@@ -87,6 +87,29 @@ class CleanSection(Section):
     dedup_train: bool = True
 
 
+class AugmentSection(Section):
+    """EDA augmentation of the train split (`jaxft.data.augment`); on when `copies` > 0. Each copy applies one
+    operation, chosen uniformly among those with a non-zero rate, and is made anew every epoch, seeded."""
+
+    copies: int = Field(0, ge=0, description="augmented copies per train example, besides the original; 0 = off")
+    synonym_replacement: float = Field(0.1, ge=0, le=1, description="alpha: share of words replaced by a synonym")
+    random_insertion: float = Field(0.1, ge=0, le=1, description="alpha: synonyms inserted, as a share of the words")
+    random_swap: float = Field(0.1, ge=0, le=1, description="alpha: word-pair swaps, as a share of the words")
+    random_deletion: float = Field(0.1, ge=0, lt=1, description="p: probability that each word is deleted")
+    synonyms: str | None = Field(None, description="synonym file: TSV word<TAB>syn1,syn2 or JSON {word: [synonyms]}; "
+                                 "default: WordNet when nltk and its database are installed")
+    cjk_words: Literal["auto", "jieba", "chars"] = Field(
+        "auto", description="how runs of Chinese/Japanese characters are cut into words: jieba, single characters, "
+        "or auto (jieba when installed)")
+
+    @model_validator(mode="after")
+    def _some_operation(self):
+        if self.copies and not any((self.synonym_replacement, self.random_insertion, self.random_swap,
+                                    self.random_deletion)):
+            raise ValueError(f"data.augment.copies={self.copies} with every operation's rate at 0")
+        return self
+
+
 class DataSection(Section):
     train: str | None = None
     validation: str | None = None
@@ -100,6 +123,7 @@ class DataSection(Section):
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="carve validation from train")
     max_train_rows: int | None = Field(None, ge=1, description="use only the first N rows of train")
     clean: CleanSection = CleanSection()
+    augment: AugmentSection = AugmentSection()
     on_bad_rows: Literal["skip", "error"] = "skip"
     cache_dir: str | None = Field(None, description="tokenization cache; default ~/.cache/jaxft")
     tfds_data_dir: str | None = Field(None, description="where tfds:NAME[/CONFIG]:SPLIT sources are prepared "
@@ -347,6 +371,14 @@ class Config(Section):
     def _samples_need_a_causal_lm(self):
         if self.train.samples is not None and self.model.task != "causal-lm":
             raise ValueError("train.samples generates text: it applies to model.task=causal-lm")
+        return self
+
+    @model_validator(mode="after")
+    def _augment_needs_classification(self):
+        if self.data.augment.copies and self.model.task != "sequence-classification":
+            raise ValueError("data.augment applies to model.task=sequence-classification")
+        if self.data.augment.copies and self.tasks:
+            raise ValueError("data.augment applies to the data.train split, not to tasks: (multi-task runs)")
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxft.config import Config
+from jaxft.data.augment import AugmentReport, augment_batches
 from jaxft.data.batches import Batches
 from jaxft.data.clean import CleanReport, LabelMap, Rows, clean
 from jaxft.data.sft import SFTReport, build_sft, pack
@@ -24,6 +25,7 @@ class ClassificationData:
     label_map: LabelMap
     splits: dict[str, Batches] = field(default_factory=dict)
     reports: list[CleanReport] = field(default_factory=list)
+    augment: AugmentReport | None = None  # data.augment: the EDA copies added to train
 
 
 def _read_rows(cfg: Config, split: str) -> Rows:
@@ -101,6 +103,8 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
             enc, {"labels": labels}, cfg.train.batch_size if is_train else eval_bs, pad_id=tokenizer.pad_token_id or 0,
             max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
             shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train)
+        if is_train and d.augment.copies:  # EDA copies, made per batch and seeded (jaxft/data/augment.py)
+            out.splits[split], out.augment = augment_batches(out.splits[split], r.text, r.pair, d.augment, tokenizer)
     return out
 
 

@@ -54,7 +54,8 @@ class ClassificationTask(Supervised):
         self.label_map, self.splits = data.label_map, data.splits
         if "train" in splits:  # a training run records its label map and data report
             write_json(run_dir / "labels.json", data.label_map.to_json())
-            write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in data.reports])
+            augment = [vars(data.augment)] if data.augment else []  # data.augment's row counts
+            write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in data.reports] + augment)
         self.model_kwargs = {"num_labels": len(self.label_map)}
         self.export_kwargs = {"id2label": self.label_map.id2label}
         if cfg.train.label_smoothing:
