@@ -82,7 +82,7 @@ def cmd_eval(args) -> None:
     fn = Functional(model)
     # a preference objective's reference model (full fine-tuning): the base the run started from
     start = lambda: Functional(load_run_model(cfg, resolve(cfg.model.name_or_path), mesh).model)
-    eval_step = make_eval_step(fn, getattr(task, "eval_loss", task.loss), task.frozen_model(start))  # no smoothing
+    eval_step = make_eval_step(fn, task.loss, task.frozen_model(start))
     out = {"checkpoint_step": step}
     for split in task.splits:
         out[split] = task.evaluate(eval_step, fn.params, split, mesh)
@@ -117,12 +117,6 @@ def cmd_export(args) -> None:
         return
     if run.adapters is not None:
         merge(model, run.adapters)  # base + scale·A·B: a plain model transformers loads
-    if cfg.tasks:  # a multi-task run: OUT_DIR/NAME per task (jaxft.train.multitask)
-        from jaxft.train.multitask import export_tasks
-
-        export_tasks(model, Path(args.run_dir), out, tokenizer=tokenizer)
-        print(f"exported step {step} of {args.run_dir} to {out}/{{{','.join(t.name for t in cfg.tasks)}}}")
-        return
     save_pretrained(model, out, tokenizer=tokenizer, id2label=labels.id2label if labels else None)
     print(f"exported step {step} of {args.run_dir} to {out}")
 
@@ -202,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--analytic", action="store_true", help="do not compile the step even if the mesh fits here")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
+    bn = sub.add_parser("bench", help="side-by-side benchmarks against a plain PyTorch loop; writes BENCHMARKS.md")
+    from jaxft.bench.cli import add_arguments, bench
+
+    add_arguments(bn)
+    bn.set_defaults(func=bench)
     return p
 
 

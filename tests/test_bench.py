@@ -1,0 +1,81 @@
+"""The benchmark harness (jaxft/bench): its FLOP count, its report, and `scripts/bench_gpu.sh --reduced`,
+so that the accelerator benchmark is known to run before an accelerator comes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from jaxft.bench.sides import LM_SHAPES, forward_flops, matmul_flops_per_token
+
+
+def linear_weights(model, skip=()) -> int:
+    import torch
+
+    return sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip))
+
+
+@pytest.mark.parametrize("family", ["llama-untied-gqa", "bert"])
+def test_matmul_flops_count_every_linear_layer_of_the_torch_model(family):
+    """2 FLOPs per weight of every linear layer a token passes through (the LM head included), counted
+    from the PyTorch model; BERT's pooler and classifier see one token per row and are left out."""
+    import transformers
+
+    if family == "bert":
+        cfg = transformers.BertConfig(vocab_size=99, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                      intermediate_size=80)
+        model, skip = transformers.BertForSequenceClassification(cfg), ("pooler", "classifier")
+    else:
+        cfg = transformers.LlamaConfig(**dict(LM_SHAPES["tiny"], tie_word_embeddings=False, num_attention_heads=8,
+                                              num_key_value_heads=2, head_dim=16))
+        model, skip = transformers.LlamaForCausalLM(cfg), ()
+    assert matmul_flops_per_token(cfg) == 2 * linear_weights(model, skip)
+    # attention: QKᵀ and PV, 2·t²·(heads·head_dim) FLOPs each per layer
+    heads_dim = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    extra = forward_flops(cfg, [10]) - 10 * matmul_flops_per_token(cfg)
+    assert extra == 4 * cfg.num_hidden_layers * heads_dim * 100
+
+
+def fake_step_result(step_s, rss_gib, flops_per_s=1e9):
+    return {"first_step_s": 10.0, "step_s": step_s, "examples_per_s": [8 / s for s in step_s],
+            "tokens_per_s": [2048 / s for s in step_s], "model_flops_per_s": [flops_per_s] * len(step_s),
+            "matmul_peak_flops": 1e10, "peak_rss_bytes": int(rss_gib * 2**30), "trainable_params": 100}
+
+
+def test_report_states_each_target_met_or_missed_by_how_much(tmp_path):
+    from jaxft.bench.report import write_report
+
+    results = {"llama-135m": {"params": {"batch": 8}, "sides": {
+        "jaxft": fake_step_result([1.0, 1.2, 0.9, 5.0, 1.1], rss_gib=8.0),     # median 1.1 s
+        "torch": fake_step_result([1.0, 1.0, 1.0], rss_gib=6.0)}},
+        "moe": {"params": {}, "sides": {"jaxft": {"layer_s": {"8": [0.1], "64": [0.2]}},
+                                        "torch": {"layer_s": {"8": [0.4], "64": [1.6]}}}}}
+    out = tmp_path / "B.md"
+    write_report(results, out, reduced=False, argv=["bench", "llama-135m", "moe"])
+    text = out.read_text()
+    assert "| step (median) | 1.100 s | 1.000 s | 0.91 |" in text
+    assert "| MFU | 0.100 | 0.100 |" in text
+    # speed 1.0/1.1 = 0.909 against 1.1: missed by 17%; memory 6/8 = 0.75 against 1.0: missed by 25%
+    assert "target step ≥ 1.1× PyTorch: 0.91× — missed by 17%" in text
+    assert "target peak memory ≤ PyTorch's: 0.75× — missed by 25%" in text
+    assert "| jaxft | 100.0 ms | 200.0 ms | 2.00× |" in text
+    assert "| PyTorch (transformers) | 400.0 ms | 1600.0 ms | 4.00× |" in text
+    assert "versions: Python" in text and "command: `'jaxft bench' llama-135m moe`" in text
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_in_reduced_mode():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "bench_gpu.sh"), "--reduced"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["lora_rank"] for r in runs] == [None, 4]
+    full, lora = runs
+    assert lora["trainable_params"] < full["trainable_params"] / 10
+    for r in runs:
+        assert r["step_s"][0] > 0 and 0 < r["mfu"] < 1, r
+    assert proc.stdout.count("| tiny | 2 × 64 |") == 2
