@@ -89,6 +89,9 @@ def test_schedule_keys_are_checked():
     with pytest.raises(ConfigError, match="train.label_smoothing applies to train.objective=supervised"):
         load_config(base={"model": {"name_or_path": "x", "task": "causal-lm"},
                           "train": {"objective": "dpo", "label_smoothing": 0.1}})
+    with pytest.raises(ConfigError, match="train.label_smoothing is not applied by multi-task runs"):
+        load_config(base={"model": {"name_or_path": "x"}, "tasks": [{"name": "a", "train": "a.tsv"}],
+                          "train": {"label_smoothing": 0.1}})
 
 
 # ---------------------------------------------------------------------------------------------- label smoothing
@@ -169,12 +172,13 @@ def test_dropout_overrides_reach_every_dropout_of_bert(tmp_path):
     back on changes it. An export records the override in config.json."""
     folder = save_tiny_bert(tmp_path / "bert", random_init=True)  # hidden_dropout_prob = attention_probs = 0.1
     task = "sequence-classification"
-    cases = {(None, None): True, (0.0, 0.0): False, (0.3, 0.0): True, (0.0, 0.3): True}
+    c = jaxft.load_model(folder, task=task).config  # no override: the checkpoint's rates
+    assert (c.hidden_dropout_prob, c.attention_probs_dropout_prob) == (0.1, 0.1)
+    cases = {(0.0, 0.0): False, (0.3, 0.0): True, (0.0, 0.3): True}
     for (hidden, attn), differs in cases.items():
         model = jaxft.load_model(folder, task=task, hidden_dropout=hidden, attention_dropout=attn)
         c = model.config
-        assert (c.hidden_dropout_prob, c.attention_probs_dropout_prob) == (0.1 if hidden is None else hidden,
-                                                                          0.1 if attn is None else attn)
+        assert (c.hidden_dropout_prob, c.attention_probs_dropout_prob) == (hidden, attn)
         train, evaluate = _forward_pair(model, task)
         assert (not np.array_equal(train, evaluate)) == differs, (hidden, attn)
     jaxft.save_pretrained(model, tmp_path / "out")
@@ -265,6 +269,7 @@ def _run_cfg(folder, scan, **model):
                                        "layer_decay": 0.9}})
 
 
+@pytest.mark.slow  # ~40 s alone: two compiled BERT train steps and four exports
 def test_frozen_embeddings_and_layers_stay_bitwise_unchanged(tmp_path):
     """`model.freeze_embeddings` and `model.freeze_layers: 2` of a 3-block BERT, 3 steps of AdamW with weight
     decay, clipping that binds, dropout and layer decay: the embeddings and blocks 0-1 come out bit for bit
