@@ -5,6 +5,7 @@
     jaxft export RUN_DIR OUT_DIR [--overwrite] [--adapter]
     jaxft generate MODEL_DIR|RUN_DIR --prompt "..." [--max-new-tokens --temperature --top-p --seed --chat]
     jaxft plan CONFIG.yaml [key.sub=value ...] [--devices N] [--analytic] [--json]
+    jaxft data CONFIG.yaml [key.sub=value ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -151,6 +152,21 @@ def cmd_plan(args) -> None:
     print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
 
 
+def cmd_data(args) -> None:
+    from transformers import AutoTokenizer
+
+    from jaxft.config import load_config
+    from jaxft.data.report import inspect_data
+    from jaxft.hf.load import resolve
+    from jaxft.train.run import setup_logging
+
+    cfg = load_config(args.config, args.overrides)
+    check_model(cfg.model.name_or_path, cfg.model.task)
+    setup_logging()
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))  # no weights
+    print(inspect_data(cfg, tokenizer, args.out or cfg.output_dir))
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -196,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--analytic", action="store_true", help="do not compile the step even if the mesh fits here")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
+    dt = sub.add_parser("data", help="the data pipeline alone: cleaning report, examples, token lengths")
+    dt.add_argument("config")
+    dt.add_argument("overrides", nargs="*", help="key.sub=value (e.g. data.clean.drop_leakage=false)")
+    dt.add_argument("--out", help="folder for the report files and histogram (default: output_dir)")
+    dt.set_defaults(func=cmd_data)
     bn = sub.add_parser("bench", help="side-by-side benchmarks against a plain PyTorch loop; writes BENCHMARKS.md")
     from jaxft.bench.cli import add_arguments, bench
 

@@ -82,9 +82,27 @@ class ModelSection(Section):
 
 
 class CleanSection(Section):
-    drop_empty: bool = True
-    drop_bad_labels: bool = True
-    dedup_train: bool = True
+    """Cleaning rules of classification data (jaxft/data/clean.py), each switchable; counts per rule and split
+    go to the log, RUN_DIR/data_report.json and data_report.md."""
+    drop_empty: bool = Field(True, description="drop rows whose text is empty (after the repairs)")
+    drop_bad_labels: bool = Field(True, description="drop rows whose label is missing, of the wrong type or "
+                                  "outside 0..model.num_labels-1")
+    repair_escapes: bool = Field(True, description="every split: HTML entities (also with the & lost: ' #39;', "
+                                 "' quot;'), tags, doubled quotes and backslash escapes → plain text")
+    normalize_unicode: bool = Field(True, description="every split: Unicode NFKC")
+    collapse_whitespace: bool = Field(True, description="every split: runs of whitespace → one space, trimmed")
+    min_chars: int | None = Field(None, ge=0, description="train: drop rows of fewer characters (text + pair)")
+    max_chars: int | None = Field(None, ge=1, description="train: drop rows of more characters")
+    min_tokens: int | None = Field(None, ge=0, description="train: drop rows of fewer tokens (untruncated)")
+    max_tokens: int | None = Field(None, ge=1, description="train: drop rows of more tokens (untruncated)")
+    dedup_train: bool = Field(True, description="train: drop exact duplicate rows (text, pair, label)")
+    dedup_normalized: bool = Field(True, description="train: drop rows equal after normalisation (repaired, "
+                                   "NFKC, case-folded, whitespace collapsed) with the same label")
+    conflicting_labels: Literal["drop", "majority", "keep"] = Field(
+        "drop", description="train: a text found with different labels: drop all its rows, keep the majority "
+        "label's (a tie drops all), or keep them")
+    drop_leakage: bool = Field(True, description="train: drop rows whose normalised text is also in validation "
+                               "or test")
 
 
 class AugmentSection(Section):
@@ -387,8 +405,6 @@ class Config(Section):
         if self.train.label_smoothing and obj != "supervised":
             raise ValueError(f"train.label_smoothing applies to train.objective=supervised, not {obj}"
                              + (" (see train.dpo.label_smoothing)" if obj in ("dpo", "simpo") else ""))
-        if self.train.label_smoothing and self.tasks:
-            raise ValueError("train.label_smoothing is not applied by multi-task runs (tasks:)")
         if obj == "supervised":
             return self
         if obj == "distill":

@@ -11,7 +11,7 @@ import numpy as np
 from jaxft.config import Config
 from jaxft.data.augment import AugmentReport, augment_batches
 from jaxft.data.batches import Batches
-from jaxft.data.clean import CleanReport, LabelMap, Rows, clean
+from jaxft.data.clean import CleanReport, LabelMap, Rows, clean_splits
 from jaxft.data.sft import SFTReport, build_sft, pack
 from jaxft.data.sources import DataError, load_table, require_column
 from jaxft.data.tokenize import cache_dir, encode
@@ -57,6 +57,23 @@ def carve_validation(splits: dict, cfg: Config) -> None:
     splits["validation"], splits["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
 
 
+def read_clean_rows(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS
+                    ) -> tuple[dict[str, Rows], list[CleanReport]]:
+    """Read every configured split and apply the `data.clean` rules (jaxft.data.clean), logging each report.
+    The tokenizer is used only for `data.clean.min_tokens`/`max_tokens`."""
+    d = cfg.data
+    where = {split: getattr(d, split) for split in splits if getattr(d, split) is not None}
+    raw = {split: _read_rows(cfg, split) for split in where}
+    rows, reports = clean_splits(raw, d.clean, num_labels=cfg.model.num_labels, on_bad_rows=d.on_bad_rows,
+                                 where=where, tokenizer=tokenizer)
+    for report in reports:
+        log.info("clean %s", report.summary())
+        if report.rows_out == 0:
+            raise DataError(f"data.{report.split} ({where[report.split]}) has no usable rows after cleaning: "
+                            f"{report.summary()}")
+    return rows, reports
+
+
 def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None = None,
                               splits: tuple[str, ...] = SPLITS) -> ClassificationData:
     """Read, clean, label-encode, tokenize and batch every configured split.
@@ -64,22 +81,8 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
     `label_map` is given when resuming or evaluating a run (the run's own map, saved at its start);
     otherwise it is built from the cleaned train split.
     """
-    d, c = cfg.data, cfg.data.clean
-    rows: dict[str, Rows] = {}
-    reports = []
-    for split in splits:
-        if getattr(d, split) is None:
-            continue
-        raw = _read_rows(cfg, split)
-        kept, report = clean(raw, split, drop_empty=c.drop_empty, drop_bad_labels=c.drop_bad_labels,
-                             dedup=c.dedup_train and split == "train", num_labels=cfg.model.num_labels,
-                             on_bad_rows=d.on_bad_rows, where=getattr(d, split))
-        log.info("clean %s", report.summary())
-        if len(kept) == 0:
-            raise DataError(f"data.{split} ({getattr(d, split)}) has no usable rows after cleaning: "
-                            f"{report.summary()}")
-        rows[split] = kept
-        reports.append(report)
+    d = cfg.data
+    rows, reports = read_clean_rows(cfg, tokenizer, splits)
 
     if label_map is None:
         if "train" not in rows:

@@ -26,6 +26,7 @@ import numpy as np
 from jaxft.config import Config
 from jaxft.data import SPLITS, build_classification_data, build_sft_data
 from jaxft.data.batches import Batches, to_device
+from jaxft.data.report import write_report_md
 from jaxft.train.evaluate import evaluate_classification
 from jaxft.models.moe import RouterStats, router_metrics
 from jaxft.train.losses import classification_loss, make_causal_lm_loss, make_classification_loss
@@ -53,6 +54,7 @@ class ClassificationTask(Supervised):
         data = build_classification_data(cfg, tokenizer, read_labels(run_dir) if resuming else None, splits)
         self.label_map, self.splits = data.label_map, data.splits
         if "train" in splits:  # a training run records its label map and data report
+            write_report_md(run_dir / "data_report.md", data.reports)  # data.clean counts as a table
             write_json(run_dir / "labels.json", data.label_map.to_json())
             augment = [vars(data.augment)] if data.augment else []  # data.augment's row counts
             write_json(run_dir / "data_report.json", [vars(r) | {"rows_out": r.rows_out} for r in data.reports] + augment)
