@@ -282,3 +282,20 @@ def test_training_on_copies_resumes_exactly(files, minilm_dir):
         assert main(["export", str(tmp / name), str(tmp / f"{name}_hf")]) == 0
     a, b = (load_file(tmp / f"{n}_hf" / "model.safetensors") for n in ("straight", "resumed"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_text_pair_keeps_its_second_text(files, minilm_dir, tokenizer):
+    """Of a pair, the first text is augmented and the second reaches the step as it was (token types 1)."""
+    tmp = files["tmp"]
+    lines = open(files["train"]).read().splitlines()[1:]
+    (tmp / "pairs.tsv").write_text("text\thyp\tlabel\n" + "".join(
+        f"{line.rsplit(chr(9), 1)[0]}\tthe cast was fine {i}\t{line.rsplit(chr(9), 1)[1]}\n" for i, line in enumerate(lines)))
+    train = build_classification_data(config(files, minilm_dir, f"data.train={tmp / 'pairs.tsv'}",
+                                             "data.text_pair_field=hyp", "data.max_length=64"), tokenizer).splits["train"]
+    rows = np.arange(N_TRAIN, N_TRAIN + 8)
+    batch = train.collate_rows(rows, 0)
+    for k, r in enumerate(rows):
+        second = batch["input_ids"][k][batch["token_type_ids"][k] == 1]
+        want = tokenizer(f"the cast was fine {r % N_TRAIN}")["input_ids"][1:]  # without [CLS]; ends with [SEP]
+        assert second.tolist() == want
+    assert train.augmented_texts(rows, 0) != [train.texts[r % N_TRAIN] for r in rows]

@@ -12,7 +12,8 @@ chosen uniformly among those with a non-zero rate (as EDA does), to a sentence o
 Copies are made on the fly, when their batch is built, from a generator seeded by
 (train.seed, epoch, example index, copy index): every epoch sees new copies, two runs with the same seed see
 the same batches, and a resumed run sees exactly what the uninterrupted run saw. Only the train split is
-augmented (validation carved from train is carved before); labels are those of the original.
+augmented (validation carved from train is carved before); labels are those of the original. Of a text
+pair (`data.text_pair_field`), the first text is augmented and the second kept.
 
 Synonyms come from `data.augment.synonyms` (TSV `word<TAB>syn1,syn2` or JSON `{word: [syns]}`; any language),
 else from WordNet when nltk and the WordNet database are installed (Debian's `wordnet-base` at
@@ -386,9 +387,6 @@ def augment_batches(base: Batches, texts: list[str], pairs: list[str] | None, se
     split_words = word_splitter(section.cjk_words)
     augmenter = Augmenter(section, synonyms, split_words)
     batches = AugmentedBatches(base, texts, pairs, section.copies, augmenter, tokenizer)
-    if batches.drop_remainder and batches.rows < base.batch_size:
-        raise DataError(f"the train split has {batches.rows} rows with augmentation, fewer than one batch of "
-                        f"train.batch_size={base.batch_size}")
     coverage = None
     if synonyms is not None:
         counts: dict[str, int] = {}
