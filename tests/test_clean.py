@@ -127,12 +127,19 @@ def test_sst2_counts_and_no_leak(sst2):
     assert train.rows_out == len(rows["train"]) == len(text) - sum(train.dropped.values())
 
 
-def test_sst2_recipe_rows_are_unchanged_by_the_defaults(sst2):
-    """configs/sst2_minilm.yaml trains on the first 4,000 rows for 125 steps of 32: no rule may drop one."""
+def test_sst2_recipe_rows_are_unchanged_by_the_defaults(sst2, minilm_dir):
+    """configs/sst2_minilm.yaml trains on the first 4,000 rows for 125 steps of 32: no rule may drop one, and
+    the MiniLM tokenizer must see the same token ids (the trailing spaces removed do not change them)."""
+    from transformers import AutoTokenizer
+
     data = {"train": (sst2["train"][0][:4000], sst2["train"][1][:4000]), "test": sst2["test"]}
     rows, rep = run_clean(data)
-    assert len(rows["train"]) == 4000 and not rep["train"].dropped
+    assert len(rows["train"]) == 4000 and not rep["train"].dropped and not rep["test"].dropped
     assert rows["train"].text == [" ".join(t.split()) for t in data["train"][0]]
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    for split in data:
+        ids = lambda texts: tok(list(texts), truncation=True, max_length=64)["input_ids"]
+        assert ids(rows[split].text) == ids(data[split][0])
 
 
 def test_each_rule_switched_off(agnews):
@@ -207,6 +214,14 @@ def test_jaxft_data_cli_prints_report_and_writes_histogram(tmp_path, minilm_dir,
     # a rule switched off on the command line
     assert main(["data", str(cfg), "data.clean.drop_leakage=false", "--out", str(tmp_path / "o2")]) == 0
     assert "text also in test" not in capsys.readouterr().out
+    # a training run writes the same table beside data_report.json
+    from jaxft.train.tasks import ClassificationTask
+    from transformers import AutoTokenizer
+
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    ClassificationTask(load_config(cfg, ["train.batch_size=2"]), AutoTokenizer.from_pretrained(str(minilm_dir)), run2, resuming=False)
+    assert (run2 / "data_report.md").read_text() == (run / "data_report.md").read_text().split("\n# Token")[0]
     # a bad key is named
     assert main(["data", str(cfg), "data.clean.dedup=false"]) == 2
     assert "data.clean.dedup" in capsys.readouterr().err
