@@ -366,19 +366,22 @@ def test_every_new_key_is_refused_on_resume():
 def test_knobs_through_the_cli(tmp_path, minilm_dir):
     """A scanned tiny BERT trained by `jaxft train` with every knob on: the export's config.json records the
     dropout overrides, its embeddings and first block are the source's bit for bit, the later blocks moved;
-    the logged lr follows cosine with 2 restarts; resuming with a changed optim.layer_decay is refused."""
+    the logged lr follows cosine with 2 restarts; the eval loss is the plain CE of the exported model in
+    PyTorch, not the smoothed one; resuming with a changed optim.layer_decay is refused."""
     from jaxft.cli import main
 
     folder = save_tiny_bert(tmp_path / "tiny", vocab_size=30522, num_labels=2, tokenizer_from=minilm_dir,
                             random_init=True)
     rows = [f"{'good' if i % 2 else 'bad'} film number {i}\t{'pos' if i % 2 else 'neg'}" for i in range(64)]
     (tmp_path / "train.tsv").write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    val = [(f"{'great' if i % 3 else 'awful'} plot {i}", "pos" if i % 3 else "neg") for i in range(100, 116)]
+    (tmp_path / "val.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in val))
     args = [f"model.name_or_path={folder}", f"data.train={tmp_path / 'train.tsv'}", "data.max_length=16",
             f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=8", "train.steps=8", "train.log_every=1",
             f"output_dir={tmp_path / 'run'}", "model.scan_layers=true", "model.freeze_embeddings=true",
             "model.freeze_layers=1", "model.hidden_dropout=0.2", "model.attention_dropout=0.0",
             "optim.layer_decay=0.8", "train.label_smoothing=0.1", "optim.schedule=cosine_restarts",
-            "optim.cycles=2", "optim.lr=1e-3", "optim.weight_decay=0.1"]
+            "optim.cycles=2", "optim.lr=1e-3", "optim.weight_decay=0.1", f"data.validation={tmp_path / 'val.tsv'}"]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {name_or_path: x}\n")
     assert main(["train", str(cfg), *args]) == 0
@@ -389,6 +392,15 @@ def test_knobs_through_the_cli(tmp_path, minilm_dir):
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["hidden_dropout_prob"], saved["attention_probs_dropout_prob"]) == (0.2, 0.0)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "run" / "tokenizer"))
+    enc = tok([t for t, _ in val], max_length=16, truncation=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out"))(**enc).logits
+    labels = torch.tensor([saved["label2id"][y] for _, y in val])
+    plain = float(torch.nn.functional.cross_entropy(logits, labels))
+    smoothed = float(torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+    eval_loss = [r for r in rows if r["split"] == "eval"][-1]["loss"]
+    assert eval_loss == pytest.approx(plain, rel=5e-3) and abs(plain - smoothed) > 0.01 * plain
     source, after = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     for name, value in after.items():
         if name.startswith("bert.embeddings.") or name.startswith("bert.encoder.layer.0."):
