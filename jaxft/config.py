@@ -101,8 +101,8 @@ class CleanSection(Section):
     conflicting_labels: Literal["drop", "majority", "keep"] = Field(
         "drop", description="train: a text found with different labels: drop all its rows, keep the majority "
         "label's (a tie drops all), or keep them")
-    drop_leakage: bool = Field(True, description="train: drop rows whose normalised text is also in validation "
-                               "or test")
+    drop_leakage: bool = Field(False, description="train: drop rows whose normalised text is also in validation "
+                               "or test (always counted and warned about)")
 
 
 class AugmentSection(Section):

@@ -84,7 +84,7 @@ def test_repairs_of_real_debris():
 def test_agnews_counts_and_no_leak(agnews):
     text, label = agnews["train"]
     test_text = agnews["test"][0]
-    rows, rep = run_clean(agnews)
+    rows, rep = run_clean(agnews, drop_leakage=True)
     train = rep["train"]
     assert train.rows_in == len(text) == 10001
     # exact duplicates: (text, label) seen before, straight from the file
@@ -94,7 +94,7 @@ def test_agnews_counts_and_no_leak(agnews):
     assert train.conflicting_texts == conflicting(text, label) == 1
     assert train.dropped["conflicting labels"] == 2  # the text's Business row and its one Sci/Tech row left
     # the repair changes exactly the rows with debris, in both splits, and leaves none behind
-    assert train.modified["repair_escapes"] == sum(bool(DEBRIS.search(t)) for t in text) > 3000
+    assert train.modified["repair_escapes"] == sum(bool(DEBRIS.search(t)) for t in text) == 3683
     assert rep["test"].modified["repair_escapes"] == sum(bool(DEBRIS.search(t)) for t in test_text)
     assert not any(DEBRIS.search(t) for t in rows["train"].text + rows["test"].text)
     sample = next(s for s in train.samples["repair_escapes"] if "#39;" in s["before"])
@@ -106,7 +106,9 @@ def test_agnews_counts_and_no_leak(agnews):
     assert not any(match_key(t) in test_keys for t in rows["train"].text)
     simple_test = {simple_key(u) for u in raw_test}
     assert not any(simple_key(t) in simple_test for t in rows["train"].text)
-    assert train.dropped["text also in test"] >= 10
+    assert train.dropped["text also in test"] == 10
+    _, default = run_clean(agnews)  # drop_leakage is off by default: the rows are kept, and counted
+    assert "text also in test" not in default["train"].dropped and default["train"].leaked_kept == {"test": 10}
     assert rows["test"].text.__len__() == 7600  # evaluation rows are repaired, never dropped
     table = report_table(list(rep.values()))
     assert "| dropped: exact duplicate | 12 | 0 |" in table and f"| rows kept | {train.rows_out} | 7600 |" in table
@@ -114,7 +116,7 @@ def test_agnews_counts_and_no_leak(agnews):
 
 def test_sst2_counts_and_no_leak(sst2):
     text, label = sst2["train"]
-    rows, rep = run_clean(sst2)
+    rows, rep = run_clean(sst2, drop_leakage=True)
     train = rep["train"]
     exact = len(text) - len(set(zip(text, label)))
     assert exact == 290 and train.dropped["exact duplicate"] == 290
@@ -144,12 +146,12 @@ def test_sst2_recipe_rows_are_unchanged_by_the_defaults(sst2, minilm_dir):
 
 def test_each_rule_switched_off(agnews):
     text, label = agnews["train"]
-    base, rep = run_clean(agnews)
+    base, rep = run_clean(agnews, drop_leakage=True)
     n = len(base["train"])
     # exact and normalised duplicates: with both off, all 16 stay (either alone, the other catches them)
-    _, r = run_clean(agnews, dedup_train=False)
+    _, r = run_clean(agnews, dedup_train=False, drop_leakage=True)
     assert "exact duplicate" not in r["train"].dropped and r["train"].dropped["normalised duplicate"] == 16
-    rows, r = run_clean(agnews, dedup_train=False, dedup_normalized=False)
+    rows, r = run_clean(agnews, dedup_train=False, dedup_normalized=False, drop_leakage=True)
     assert len(rows["train"]) == n + 16 - 1  # less the conflicting text's second Sci/Tech row, now a conflict
     assert r["train"].dropped["conflicting labels"] == 3
     # leakage off: the leaked texts stay
@@ -203,17 +205,18 @@ def test_jaxft_data_cli_prints_report_and_writes_histogram(tmp_path, minilm_dir,
     cfg = small_config(tmp_path, minilm_dir)
     assert main(["data", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert "| dropped: exact duplicate | 1 | 0 |" in out and "| dropped: text also in test | 1 | 0 |" in out
+    assert "| dropped: exact duplicate | 1 | 0 |" in out
+    assert "| kept (drop_leakage=false): text also in test | 1 | 0 |" in out  # counted, not dropped by default
     assert "'It #39;s a  fine day'\n        → \"It's a  fine day\"" in out  # before → after, per rule
-    assert "| train | 4 |" in out and "truncated at max_length=8" in out
+    assert "| train | 5 |" in out and "truncated at max_length=8" in out
     run = tmp_path / "run"
     svg = ET.parse(run / "token_lengths.svg").getroot()
     bars = [e for e in svg.iter("{http://www.w3.org/2000/svg}rect") if e.get("class") == "bar"]
     assert {b.get("data-split") for b in bars} == {"train", "test"}
-    assert (run / "data_report.json").exists() and "| rows kept | 4 | 2 |" in (run / "data_report.md").read_text()
+    assert (run / "data_report.json").exists() and "| rows kept | 5 | 2 |" in (run / "data_report.md").read_text()
     # a rule switched off on the command line
-    assert main(["data", str(cfg), "data.clean.drop_leakage=false", "--out", str(tmp_path / "o2")]) == 0
-    assert "text also in test" not in capsys.readouterr().out
+    assert main(["data", str(cfg), "data.clean.drop_leakage=true", "--out", str(tmp_path / "o2")]) == 0
+    assert "| dropped: text also in test | 1 | 0 |" in capsys.readouterr().out
     # a training run writes the same table beside data_report.json
     from jaxft.train.tasks import ClassificationTask
     from transformers import AutoTokenizer

@@ -68,6 +68,9 @@ def read_clean_rows(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS
                                  where=where, tokenizer=tokenizer)
     for report in reports:
         log.info("clean %s", report.summary())
+        for split, n in report.leaked_kept.items():
+            log.warning("%d train rows have a text that is also in %s (data.%s): evaluation there partly "
+                        "measures memorisation; data.clean.drop_leakage=true drops them", n, split, split)
         if report.rows_out == 0:
             raise DataError(f"data.{report.split} ({where[report.split]}) has no usable rows after cleaning: "
                             f"{report.summary()}")

@@ -13,7 +13,8 @@ then on train only (duplicates and odd lengths in evaluation splits are real tes
   6. `conflicting_labels`: a text found with different labels: `drop` every row of it, or keep the `majority`
      label's rows (counted before de-duplication; a tie drops all), or `keep`;
   7. `drop_leakage`: train rows whose normalised text is also in validation or test (evaluation would
-     measure memorisation).
+     measure memorisation). Off by default (a validation file cut from train is a common smoke test and
+     would lose its rows, or empty train); such rows are counted and warned about either way.
 A label in validation/test that train never had is an error (LabelMap.encode): the model cannot predict it.
 """
 
@@ -62,6 +63,7 @@ class CleanReport:
     modified: dict[str, int] = field(default_factory=dict)        # repair rule → rows changed
     samples: dict[str, list[dict]] = field(default_factory=dict)  # reason/rule → a few {row, text | before, after}
     conflicting_texts: int = 0                                     # distinct texts found with different labels
+    leaked_kept: dict[str, int] = field(default_factory=dict)     # split → train rows kept although in it
 
     @property
     def rows_out(self) -> int:
@@ -98,6 +100,9 @@ def report_table(reports: list[CleanReport]) -> str:
         for name in names:
             counts = " | ".join(str(getattr(r, attr).get(name, 0)) for r in reports)
             lines.append(f"| {kind}: {name} | {counts} |")
+    for split in dict.fromkeys(s for r in reports for s in r.leaked_kept):
+        lines.append(f"| kept (drop_leakage=false): text also in {split} | "
+                     + " | ".join(str(r.leaked_kept.get(split, 0)) for r in reports) + " |")
     if any(r.conflicting_texts for r in reports):
         lines.append("| texts with conflicting labels | " + " | ".join(str(r.conflicting_texts) for r in reports)
                      + " |")
@@ -228,8 +233,11 @@ def clean_train(rows: Rows, report: CleanReport, c, others: dict[str, Rows], tok
             if c.conflicting_labels == "drop" or len(winners) > 1 or label != winners[0]:
                 reason = "conflicting labels"
                 extra = {"labels": {str(lab): n for lab, n in counts.items()}}
-        if reason is None and c.drop_leakage and k in leaked:
-            reason = f"text also in {leaked[k]}"
+        if reason is None and k in leaked:  # counted always, dropped with drop_leakage
+            if c.drop_leakage:
+                reason = f"text also in {leaked[k]}"
+            else:
+                report.leaked_kept[leaked[k]] = report.leaked_kept.get(leaked[k], 0) + 1
         if reason is not None:
             report.drop(reason, row, text, **extra)
             continue
