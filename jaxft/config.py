@@ -405,6 +405,8 @@ class Config(Section):
         if self.train.label_smoothing and obj != "supervised":
             raise ValueError(f"train.label_smoothing applies to train.objective=supervised, not {obj}"
                              + (" (see train.dpo.label_smoothing)" if obj in ("dpo", "simpo") else ""))
+        if self.train.label_smoothing and self.tasks:
+            raise ValueError("train.label_smoothing is not applied by multi-task runs (tasks:)")
         if obj == "supervised":
             return self
         if obj == "distill":
