@@ -83,7 +83,7 @@ def cmd_eval(args) -> None:
     fn = Functional(model)
     # a preference objective's reference model (full fine-tuning): the base the run started from
     start = lambda: Functional(load_run_model(cfg, resolve(cfg.model.name_or_path), mesh).model)
-    eval_step = make_eval_step(fn, getattr(task, "eval_loss", task.loss), task.frozen_model(start))  # no smoothing
+    eval_step = make_eval_step(fn, task.loss, task.frozen_model(start))
     out = {"checkpoint_step": step}
     for split in task.splits:
         out[split] = task.evaluate(eval_step, fn.params, split, mesh)
@@ -156,11 +156,12 @@ def cmd_data(args) -> None:
     from transformers import AutoTokenizer
 
     from jaxft.config import load_config
-    from jaxft.data.report import inspect_data
+    from jaxft.data.report import inspect_data, require_classification
     from jaxft.hf.load import resolve
     from jaxft.train.run import setup_logging
 
     cfg = load_config(args.config, args.overrides)
+    require_classification(cfg)
     check_model(cfg.model.name_or_path, cfg.model.task)
     setup_logging()
     tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg.model.name_or_path)))  # no weights

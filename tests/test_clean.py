@@ -228,3 +228,6 @@ def test_jaxft_data_cli_prints_report_and_writes_histogram(tmp_path, minilm_dir,
     # a bad key is named
     assert main(["data", str(cfg), "data.clean.dedup=false"]) == 2
     assert "data.clean.dedup" in capsys.readouterr().err
+    # causal-LM data is refused, before any tokenizer is looked up
+    assert main(["data", str(cfg), "model.task=causal-lm", "model.name_or_path=no/such-hub-model"]) == 2
+    assert "jaxft data covers classification data" in capsys.readouterr().err

@@ -95,15 +95,21 @@ def stats_text(stats: dict[str, dict], max_length: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def require_classification(cfg: Config) -> None:
+    """`jaxft data` covers one classification data set; anything else is refused before the tokenizer loads."""
+    if cfg.model.task != "sequence-classification" or getattr(cfg, "tasks", None):
+        raise ValueError("jaxft data covers classification data (model.task=sequence-classification, no tasks:); "
+                         f"this config has model.task={cfg.model.task}"
+                         + (" with tasks:" if getattr(cfg, "tasks", None) else ""))
+
+
 def inspect_data(cfg: Config, tokenizer, out_dir: str | Path) -> str:
     """Clean the configured splits, write the report files and the histogram into `out_dir`, return the
     text `jaxft data` prints."""
     from jaxft.data import read_clean_rows
     from jaxft.train.run import write_json
 
-    if cfg.model.task != "sequence-classification" or getattr(cfg, "tasks", None):
-        raise ValueError("jaxft data covers classification data (model.task=sequence-classification, one task); "
-                         f"this config has model.task={cfg.model.task}")
+    require_classification(cfg)
     rows, reports = read_clean_rows(cfg, tokenizer)
     lengths = {split: token_lengths(tokenizer, r) for split, r in rows.items()}
     stats = {split: length_stats(v, cfg.data.max_length) for split, v in lengths.items()}
