@@ -83,7 +83,7 @@ def cmd_eval(args) -> None:
     fn = Functional(model)
     # a preference objective's reference model (full fine-tuning): the base the run started from
     start = lambda: Functional(load_run_model(cfg, resolve(cfg.model.name_or_path), mesh).model)
-    eval_step = make_eval_step(fn, task.loss, task.frozen_model(start))
+    eval_step = make_eval_step(fn, getattr(task, "eval_loss", task.loss), task.frozen_model(start))  # no smoothing
     out = {"checkpoint_step": step}
     for split in task.splits:
         out[split] = task.evaluate(eval_step, fn.params, split, mesh)
