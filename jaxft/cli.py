@@ -118,6 +118,12 @@ def cmd_export(args) -> None:
         return
     if run.adapters is not None:
         merge(model, run.adapters)  # base + scale·A·B: a plain model transformers loads
+    if cfg.tasks:  # a multi-task run: OUT_DIR/NAME per task (jaxft.train.multitask)
+        from jaxft.train.multitask import export_tasks
+
+        export_tasks(model, Path(args.run_dir), out, tokenizer=tokenizer)
+        print(f"exported step {step} of {args.run_dir} to {out}/{{{','.join(t.name for t in cfg.tasks)}}}")
+        return
     save_pretrained(model, out, tokenizer=tokenizer, id2label=labels.id2label if labels else None)
     print(f"exported step {step} of {args.run_dir} to {out}")
 
