@@ -6,6 +6,9 @@ give the batch shape). Then, per device of the mesh `mesh.{data, fsdp, tensor, e
 
 - parameters, gradients, optimizer state: exact, from each array's shape, dtype and the sharding the
   rules table gives it (`jaxft.parallel`, `jaxft.train.step.state_shardings`);
+- a second, frozen model that the objective holds beside the train state (`train.objective`): the
+  distillation teacher, or the reference copy of dpo/ipo with full fine-tuning (none with LoRA, whose
+  reference is the base with its adapters off, nor for simpo/orpo); exact like the parameters;
 - activations: the residuals the backward pass keeps under `model.remat`, counted exactly by tracing
   the loss (`jax.vjp` under `jax.eval_shape`) at one data-parallel device's micro-batch, minus the
   parameters they include; dimensions the `tensor` axis splits (heads, MLP width, vocabulary) are
@@ -47,6 +50,7 @@ GiB = 2**30
 # Memory per chip (HBM), GiB, as the vendors state it.
 CHIPS: dict[str, float] = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "H100": 80, "H200": 141}
 TENSOR_AXES = ("heads", "kv_heads", "mlp", "vocab")
+PREFERENCE = ("dpo", "ipo", "simpo", "orpo")
 
 
 @dataclasses.dataclass
@@ -61,8 +65,8 @@ class MemoryPlan:
     backend: str                   # the JAX backend that compiled it (cpu, gpu, tpu)
     batch: dict[str, int]          # global, grad_accum, per_device (rows per micro-batch), length, length_per_device
     per_device: dict[str, int]     # bytes: params, opt_state, gradients, activations, peak; compiled: xla_arguments,
-                                   # xla_temp
-    settings: dict[str, str]       # dtype, param_dtype, remat
+                                   # xla_temp; with a teacher or reference: second_model
+    settings: dict[str, str]       # dtype, param_dtype, remat, objective (and second_model: what it is)
 
     def fits(self) -> dict[str, bool]:
         return {chip: self.per_device["peak"] <= gib * GiB for chip, gib in CHIPS.items()}
@@ -96,6 +100,11 @@ class MemoryPlan:
             f"  parameters        {_gib(d['params'])}",
             f"  optimizer state   {_gib(d['opt_state'])}",
             f"  gradients         {_gib(d['gradients'])}",
+        ]
+        if "second_model" in d:
+            lines.append(f"  {self.settings['second_model']:<17} {_gib(d['second_model'])}   (frozen, beside the state; "
+                         f"train.objective={self.settings['objective']})")
+        lines += [
             f"  activations       {_gib(d['activations'])}   (kept for the backward pass; estimate)",
         ]
         if self.method == "compiled":
@@ -138,7 +147,7 @@ def batch_shapes(task: str, batch: int, length: int, packing: bool = False,
                  objective: str = "supervised") -> dict[str, jax.ShapeDtypeStruct]:
     """The arrays of one batch of `task` under `objective` (what `jaxft.data` produces), as shapes."""
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    if objective != "supervised":  # preference pairs (jaxft.data.preference)
+    if objective in PREFERENCE:  # preference pairs (jaxft.data.preference)
         return {f"{side}_{k}": tokens for side in ("chosen", "rejected")
                 for k in ("input_ids", "attention_mask", "loss_mask")} | \
             {"weights": jax.ShapeDtypeStruct((batch,), jnp.float32)}
@@ -171,13 +180,14 @@ def activation_bytes(fn: Functional, loss_fn, batch: dict, tensor: int, frozen_m
     parameter of the same shape and dtype). A residual dimension whose size is that of a dimension the
     `tensor` axis splits (heads, MLP width, vocabulary) is counted as split.
     """
-    second = () if frozen_model is None else (frozen_model.module(),)  # shapes only: nothing is compiled
-
-    def residuals(params, frozen, b):
+    def residuals(params, frozen, held, b):
+        second = () if frozen_model is None else (frozen_model.module({}, held),)  # a teacher or reference
         return jax.vjp(lambda p: loss_fn(fn.module(p, frozen), b, None, *second)[0], params)[1]
 
-    frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in fn.frozen.items()}
-    leaves = [x for x in jax.tree.leaves(jax.eval_shape(residuals, fn.params, frozen, batch)) if hasattr(x, "shape")]
+    shapes = lambda tree: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree.items()}
+    held = {} if frozen_model is None else shapes(frozen_model.frozen)
+    leaves = [x for x in jax.tree.leaves(jax.eval_shape(residuals, fn.params, shapes(fn.frozen), held, batch))
+              if hasattr(x, "shape")]
     params = Counter((tuple(p.shape), str(p.dtype)) for p in {**fn.params, **fn.frozen}.values())
     split = {size for k, p in {**fn.params, **fn.frozen}.items() for name, size in zip(fn.axes[k] or (), p.shape)
              if name in TENSOR_AXES and size % tensor == 0} if tensor > 1 else set()
@@ -189,6 +199,45 @@ def activation_bytes(fn: Functional, loss_fn, batch: dict, tensor: int, frozen_m
             continue
         total += _bytes(x) // (tensor if split & set(x.shape) else 1)
     return total
+
+
+def objective_loss(cfg: Config):
+    """The train loss of `cfg`'s objective (what `jaxft.train.tasks` would build), without reading data."""
+    objective, causal = cfg.train.objective, cfg.model.task == "causal-lm"
+    if objective == "distill":
+        from jaxft.train.distill import make_causal_lm_distill_loss, make_classification_distill_loss
+
+        return (make_causal_lm_distill_loss if causal else make_classification_distill_loss)(cfg.train.distill)
+    if objective in PREFERENCE:
+        from jaxft.train.preference import make_preference_loss
+
+        return make_preference_loss(objective, cfg.train.dpo)
+    return make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens) if causal else \
+        classification_loss
+
+
+def second_model(cfg: Config, fn: Functional) -> tuple[Functional | None, str]:
+    """`(frozen second model as shapes, what it is)` for `cfg`'s objective, or `(None, "")`.
+
+    The distillation teacher is built abstractly from its folder (a run directory's base model: its LoRA
+    adapters, a few MiB at most, are not counted), in the student's compute and parameter dtypes, as
+    `Teacher.load` loads it; the dpo/ipo reference of full fine-tuning is a copy of the policy.
+    """
+    objective = cfg.train.objective
+    if objective == "distill":
+        from jaxft.hf.load import abstract_module, model_config
+        from jaxft.train.distill import Teacher
+
+        m = cfg.model
+        teacher = Teacher(cfg.train.distill.teacher, m.task)
+        options = RunOptions(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
+                             attention_block=m.attention_block)
+        num_labels = teacher.num_labels if m.task == "sequence-classification" else None
+        _, family, mcfg = model_config(teacher.folder, m.task, options, num_labels)
+        return Functional(abstract_module(family.modules[m.task], mcfg), trainable=lambda path, v: False), "teacher"
+    if objective in ("dpo", "ipo") and cfg.model.lora.rank is None:
+        return Functional(fn.module(fn.params, fn.frozen), trainable=lambda path, v: False), "reference"
+    return None, ""
 
 
 def resolve_mesh(sizes: dict[str, int], local: int, devices: int | None):
@@ -229,13 +278,13 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     shard = state_shardings(fn, tx, mesh)
     frozen_shard = {k: parallel.sharding(fn.axes[k], v.shape, mesh) for k, v in fn.frozen.items()}
     opt_shapes = jax.eval_shape(tx.init, fn.params)
-    loss = (make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens)
-            if cfg.model.task == "causal-lm" else classification_loss)
+    loss = objective_loss(cfg)
+    second, second_label = second_model(cfg, fn)
     sp = parallel.sequence_parallel_size(mesh)
     if T % sp:
         raise ValueError(f"data.max_length={T} must be divisible by mesh.sequence={sp}")
     # one device's share of a micro-batch: its rows and, under a `sequence` axis, its slice of their tokens
-    micro = batch_shapes(cfg.model.task, B // (dp * accum), T // sp, cfg.data.packing)
+    micro = batch_shapes(cfg.model.task, B // (dp * accum), T // sp, cfg.data.packing, cfg.train.objective)
     adapter_count = sum(math.prod(v.shape) for k, v in fn.params.items() if ".lora." in k)
     trained = sharded_bytes(fn.params, shard["params"])
     # bytes of the base (frozen) weights per base parameter: 4 float32, 2 bfloat16, ~1 int8, ~0.5 nf4
@@ -246,13 +295,20 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     # gradients of the trainable parameters only (a frozen base has none): accumulated + one micro-batch's
     # when accumulating
     d["gradients"] = trained * (2 if accum > 1 else 1)
-    d["activations"] = activation_bytes(fn, loss, micro, mesh.shape["tensor"])
+    d["activations"] = activation_bytes(fn, loss, micro, mesh.shape["tensor"], second)
     d["peak"] = d["params"] + d["opt_state"] + d["gradients"] + d["activations"]
+    if second is not None:
+        second_shard = {k: parallel.sharding(second.axes[k], v.shape, mesh) for k, v in second.frozen.items()}
+        d["second_model"] = sharded_bytes(second.frozen, second_shard)
+        d["peak"] += d["second_model"]
+        second.mesh = mesh
+        second.frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=second_shard[k])
+                         for k, v in second.frozen.items()}
     method = "analytic"
     if not described and compile:
         fn.frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=frozen_shard[k]) for k, v in fn.frozen.items()}
-        stats = compiled_memory(fn, tx, lr, loss, mesh, shard, batch_shapes(cfg.model.task, B, T, cfg.data.packing),
-                                accum)
+        stats = compiled_memory(fn, tx, lr, loss, mesh, shard, batch_shapes(cfg.model.task, B, T, cfg.data.packing,
+                                                                            cfg.train.objective), accum, second)
         d["xla_arguments"], d["xla_temp"] = int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes)
         d["peak"] = int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
                         + stats.temp_size_in_bytes)
@@ -266,10 +322,12 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
                "length_per_device": T // sp},
         per_device=d, settings={"dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
                                 "remat": cfg.model.remat, "quantize": cfg.model.quantize or "none",
+                                "objective": cfg.train.objective, "second_model": second_label,
                                 "base_bytes_per_param": f"{frozen_total / max(frozen_count, 1):.3f}"})
 
 
-def compiled_memory(fn: Functional, tx, lr, loss, mesh, shard: dict, batch: dict, accum: int):
+def compiled_memory(fn: Functional, tx, lr, loss, mesh, shard: dict, batch: dict, accum: int,
+                    second: Functional | None = None):
     """XLA's memory analysis (per device) of the real train step compiled for `mesh`, from shapes alone.
 
     The state's shapes come from `init_state` itself (traced, not run), so they are the loop's; `fn`'s
@@ -284,7 +342,7 @@ def compiled_memory(fn: Functional, tx, lr, loss, mesh, shard: dict, batch: dict
     fn.params = state["params"]
     batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh, len(x.shape)))
              for k, x in batch.items()}
-    return make_train_step(fn, loss, tx, lr, accum).lower(state, batch).compile().memory_analysis()
+    return make_train_step(fn, loss, tx, lr, accum, second).lower(state, batch).compile().memory_analysis()
 
 
 def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None, margin: float = 0.9,
