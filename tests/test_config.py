@@ -28,7 +28,7 @@ def test_yaml_defaults_and_overrides(tmp_path):
     (["trian.steps=3"], "config key 'trian': unknown key; did you mean 'train'?"),
     (["train.batch_size=abc"], "config key 'train.batch_size': Input should be a valid integer"),
     (["optim.lr=-1"], "config key 'optim.lr': Input should be greater than 0 (got -1)"),
-    (["optim.schedule=exp"], "config key 'optim.schedule': Input should be 'linear', 'cosine' or 'constant'"),
+    (["optim.schedule=exp"], "config key 'optim.schedule': Input should be 'linear', 'cosine', 'constant', 'cosine_restarts' or 'polynomial'"),
     (["train.batch_size=10", "train.grad_accum=3"], "train.batch_size=10 is not divisible by train.grad_accum=3"),
     (["mesh.tensor=0"], "mesh.tensor=0: use a positive size or -1"),
     (["optim.warmup_steps=3", "optim.warmup_ratio=0.1"], "not both"),
