@@ -157,6 +157,13 @@ def test_multitask_run_metrics_early_stopping_and_per_task_export(mt_config, tmp
     tasks = json.loads((run_dir / "tasks.json").read_text())
     assert {k: v["offset"] for k, v in tasks.items()} == {"topic": 0, "senti": 3}
 
+    capsys.readouterr()
+    assert main(["eval", str(mt_config), f"checkpoint={run_dir}"]) == 0  # the best checkpoint, as the test split was
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["checkpoint_step"] == best["step"]
+    for k in ("accuracy", "topic/accuracy", "senti/loss"):
+        assert evaluated["test"][k] == pytest.approx(summary["test"][k], abs=1e-6)
+
     out = tmp_path / "export"
     assert main(["export", str(run_dir), str(out)]) == 0, capsys.readouterr().err
     model, _, step = restore_model(run_dir)

@@ -27,6 +27,7 @@ import json
 import logging
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -173,20 +174,14 @@ def task_model(model: nnx.Module, offset: int, n: int, id2label: dict[int, str])
     """A sequence-classification model of one task: `model`'s encoder and pooler (the same arrays) with
     classifier columns `[offset, offset + n)` as an `n`-way head."""
     graphdef, state = nnx.split(model)
-    head = nnx.merge(graphdef, jax_tree_copy(state))
+    # new Variable objects holding the same arrays: setting the head's classifier leaves `model` as it is
+    head = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
     head.classifier.kernel.set_value(model.classifier.kernel.get_value()[..., offset:offset + n])
     head.classifier.bias.set_value(model.classifier.bias.get_value()[offset:offset + n])
     head.config = dataclasses.replace(model.config, num_labels=n)
     head.hf_config = dict(model.hf_config) | {"id2label": {str(k): v for k, v in id2label.items()},
                                               "label2id": {v: k for k, v in id2label.items()}}
     return head
-
-
-def jax_tree_copy(state):
-    """A state whose Variables are new objects holding the same arrays (so setting one leaves `model` as it is)."""
-    import jax
-
-    return jax.tree.map(lambda x: x, state)
 
 
 def export_tasks(model: nnx.Module, run_dir: Path, out: Path, tokenizer=None) -> list[Path]:
