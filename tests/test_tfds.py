@@ -169,3 +169,33 @@ def test_stop_and_resume_on_a_tfds_source_is_bitwise_identical(run_config):
     assert sorted(exports[0]) == sorted(exports[1])
     for k in exports[0]:
         assert np.array_equal(exports[0][k], exports[1][k]), k
+
+
+@pytest.mark.slow
+def test_mock_data_source_trains_and_resumes_exactly(tmp_path, minilm_dir):
+    """A catalog data set under `tfds.testing.mock_data` (TFDS's own test double: random records from the
+    data set's features, nothing prepared or downloaded) trains end to end, and a run stopped at step 3 and
+    resumed equals the run straight to 6."""
+    from safetensors.numpy import load_file
+
+    model = save_tiny_bert(tmp_path / "tiny", vocab_size=30522, num_labels=2, tokenizer_from=minilm_dir,
+                           random_init=True)
+    common = [f"model.name_or_path={model}", "data.train=tfds:imdb_reviews:train", "data.max_length=16",
+              f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=8", "train.steps=6", "train.log_batches=true"]
+    with tfds.testing.mock_data(num_examples=40):
+        table = load_table("tfds:imdb_reviews:train", "data.train")
+        assert len(table["text"]) == 40 and set(table["label"]) <= {0, 1}
+        assert table == load_table("tfds:imdb_reviews:train", "data.train")  # the same records every read
+        (tmp_path / "c.yaml").write_text("optim: {lr: 1.0e-3}\n")
+        run = lambda name, *over: main(["train", str(tmp_path / "c.yaml"), *common, f"output_dir={tmp_path / name}",
+                                        *over])
+        assert run("straight") == 0
+        assert run("resumed", "train.stop_at_step=3") == 0 and run("resumed") == 0
+    batches = lambda name: (tmp_path / name / "batches.jsonl").read_text()
+    assert batches("resumed") == batches("straight") and len(batches("straight").splitlines()) == 6
+    exports = []
+    for name in ("straight", "resumed"):
+        assert main(["export", str(tmp_path / name), str(tmp_path / f"{name}_export")]) == 0
+        exports.append(load_file(tmp_path / f"{name}_export" / "model.safetensors"))
+    for k in exports[0]:
+        assert np.array_equal(exports[0][k], exports[1][k]), k

@@ -83,6 +83,15 @@ def _open(tfds, name: str, split: str, data_dir: str | None, spec: str, key: str
                         f"{where}: {first}") from None
 
 
+def _records(source, keys: list[int]) -> list:
+    """The records at `keys`: one `__getitems__` call, or one read each where that call does not work
+    (the mock source of `tfds.testing.mock_data` in tensorflow-datasets 4.9 raises a TypeError)."""
+    try:
+        return source.__getitems__(keys)
+    except TypeError:
+        return [source[k] for k in keys]
+
+
 def load_tfds(spec: str, key: str, limit: int | None = None, data_dir: str | None = None) -> dict[str, list]:
     """Read a `tfds:` spec into columns `{feature: [values]}` (the first `limit` records when given)."""
     tfds = _import_tfds(spec, key)
@@ -95,7 +104,7 @@ def load_tfds(spec: str, key: str, limit: int | None = None, data_dir: str | Non
     columns: dict[str, list] = {f: [] for f in features.keys()}
     n = len(source) if limit is None else min(limit, len(source))
     for start in range(0, n, READ_CHUNK):
-        for record in source.__getitems__(list(range(start, min(start + READ_CHUNK, n)))):
+        for record in _records(source, list(range(start, min(start + READ_CHUNK, n)))):
             for f, col in columns.items():
                 col.append(_plain(record[f]))
     return columns
