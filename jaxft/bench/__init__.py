@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,7 +113,7 @@ def _e2e(cmd: list[str], env: dict | None) -> dict:
 def run(names: list[str], reduced: bool = False, repeats: int | None = None, out: Path | None = None,
         e2e_repeats: int = 1, log=print) -> dict:
     """Run the named workloads, write `out` (BENCHMARKS.md) from the results, return them."""
-    from jaxft.bench.report import write_report
+    from jaxft.bench.report import headline, write_report
     from jaxft.bench.sides import lm_folder
 
     results = {}
@@ -140,18 +139,7 @@ def run(names: list[str], reduced: bool = False, repeats: int | None = None, out
                 sides = {side: run_side(name, side, p) for side in w.sides}
             results[name] = {"params": {k: v for k, v in p.items() if k not in ("folder", "data_dir")},
                              "sides": sides}
-            log(json.dumps(summarise(name, results[name]), indent=1))
+            log(json.dumps(headline(name, results[name]), indent=1))
     if out is not None:
         write_report(results, out, reduced=reduced, argv=sys.argv)
     return results
-
-
-def median(xs) -> float:
-    return statistics.median(xs)
-
-
-def summarise(name: str, result: dict) -> dict:
-    """The headline numbers of one workload (what the report's table shows)."""
-    from jaxft.bench.report import headline
-
-    return headline(name, result)
