@@ -57,15 +57,15 @@ def carve_validation(splits: dict, cfg: Config) -> None:
     splits["validation"], splits["train"] = train.take(perm[:n_val]), train.take(perm[n_val:])
 
 
-def read_clean_rows(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS
+def read_clean_rows(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS, regression: bool = False
                     ) -> tuple[dict[str, Rows], list[CleanReport]]:
     """Read every configured split and apply the `data.clean` rules (jaxft.data.clean), logging each report.
-    The tokenizer is used only for `data.clean.min_tokens`/`max_tokens`."""
+    The tokenizer is used only for `data.clean.min_tokens`/`max_tokens`; `regression`: numeric labels."""
     d = cfg.data
     where = {split: getattr(d, split) for split in splits if getattr(d, split) is not None}
     raw = {split: _read_rows(cfg, split) for split in where}
     rows, reports = clean_splits(raw, d.clean, num_labels=cfg.model.num_labels, on_bad_rows=d.on_bad_rows,
-                                 where=where, tokenizer=tokenizer)
+                                 where=where, tokenizer=tokenizer, regression=regression)
     for report in reports:
         log.info("clean %s", report.summary())
         for split, n in report.leaked_kept.items():
@@ -78,16 +78,20 @@ def read_clean_rows(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS
 
 
 def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None = None,
-                              splits: tuple[str, ...] = SPLITS) -> ClassificationData:
+                              splits: tuple[str, ...] = SPLITS, regression: bool = False) -> ClassificationData:
     """Read, clean, label-encode, tokenize and batch every configured split.
 
     `label_map` is given when resuming or evaluating a run (the run's own map, saved at its start);
-    otherwise it is built from the cleaned train split.
+    otherwise it is built from the cleaned train split. With `regression` the label is a number: the
+    batches carry it as float32 `targets` (and `labels` 0, the one output column), and the label map is
+    that one column, named after `data.label_field`.
     """
     d = cfg.data
-    rows, reports = read_clean_rows(cfg, tokenizer, splits)
+    rows, reports = read_clean_rows(cfg, tokenizer, splits, regression)
 
-    if label_map is None:
+    if regression:
+        label_map = LabelMap((d.label_field,), (d.label_field,))
+    elif label_map is None:
         if "train" not in rows:
             raise DataError("data.train is needed to build the label map")
         label_map = LabelMap.from_labels(rows["train"].label, cfg.model.num_labels)
@@ -102,11 +106,14 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     for split, r in rows.items():
         where = getattr(d, split) or f"data.train (validation_fraction={d.validation_fraction})"
-        labels = np.asarray(label_map.encode(r, str(where)), np.int32)
+        if regression:
+            fields = {"labels": np.zeros(len(r), np.int32), "targets": np.asarray(r.label, np.float32)}
+        else:
+            fields = {"labels": np.asarray(label_map.encode(r, str(where)), np.int32)}
         enc = encode(tokenizer, r.text, r.pair, d.max_length, cache, desc=f"tokenize {split}")
         is_train = split == "train"
         out.splits[split] = Batches(
-            enc, {"labels": labels}, cfg.train.batch_size if is_train else eval_bs, pad_id=tokenizer.pad_token_id or 0,
+            enc, fields, cfg.train.batch_size if is_train else eval_bs, pad_id=tokenizer.pad_token_id or 0,
             max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
             shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train)
         if is_train and d.augment.copies:  # EDA copies, made per batch and seeded (jaxft/data/augment.py)

@@ -2,7 +2,8 @@
 
 Per split, in this order (jaxft.data.text_rules has the repairs):
   1. rows that cannot be used are dropped: text of the wrong type, undecodable bytes, empty text (after
-     the repairs), a missing label or one of the wrong type or outside `model.num_labels`;
+     the repairs), a missing label or one of the wrong type or outside `model.num_labels` (for a regression
+     task, `tasks[i].kind=regression`, a label that is not a finite number);
   2. text is repaired in every split alike (the model must see at test time what it saw in training):
      `repair_escapes`, `normalize_unicode` (NFKC), `collapse_whitespace` — each row changed is counted;
 then on train only (duplicates and odd lengths in evaluation splits are real test cases):
@@ -11,7 +12,8 @@ then on train only (duplicates and odd lengths in evaluation splits are real tes
   5. `dedup_normalized`: rows equal after normalisation (`text_rules.match_key`: repaired, NFKC, case-folded,
      whitespace collapsed) with the same label;
   6. `conflicting_labels`: a text found with different labels: `drop` every row of it, or keep the `majority`
-     label's rows (counted before de-duplication; a tie drops all), or `keep`;
+     label's rows (counted before de-duplication; a tie drops all), or `keep` (regression targets are
+     compared as numbers: one text with targets 0.5 and 0.7 conflicts);
   7. `drop_leakage`: train rows whose normalised text is also in validation or test (evaluation would
      measure memorisation). Off by default (a validation file cut from train is a common smoke test and
      would lose its rows, or empty train); such rows are counted and warned about either way.
@@ -20,6 +22,7 @@ A label in validation/test that train never had is an error (LabelMap.encode): t
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -114,8 +117,19 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip())
 
 
+def as_target(label) -> float | None:
+    """A regression label as a finite float (numbers, or text such as "3.5"), or None when it is not one."""
+    if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+        return None
+    try:
+        v = float(label)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
 def _problem(text, pair, label, has_pair: bool, num_labels: int | None, drop_empty: bool,
-             drop_bad_labels: bool) -> str | None:
+             drop_bad_labels: bool, regression: bool = False) -> str | None:
     """Why a row cannot be used, or None."""
     for value in (text, pair) if has_pair else (text,):
         if value is not None and not isinstance(value, (str, int, float)):
@@ -128,6 +142,8 @@ def _problem(text, pair, label, has_pair: bool, num_labels: int | None, drop_emp
         return None
     if _missing(label):
         return "missing label"
+    if regression:
+        return None if as_target(label) is not None else "label not a finite number"
     if isinstance(label, float) and not label.is_integer() or not isinstance(label, (str, int, float)):
         return "label of the wrong type"
     if num_labels is not None and isinstance(label, int) and not 0 <= label < num_labels:
@@ -149,9 +165,10 @@ def _repair(value, rules, changes: dict, row: int):
 
 
 def clean(rows: Rows, split: str, c, *, num_labels: int | None = None, on_bad_rows: str = "skip",
-          where: str = "") -> tuple[Rows, CleanReport]:
+          where: str = "", regression: bool = False) -> tuple[Rows, CleanReport]:
     """Steps 1–2 of one split (`c` is the config's CleanSection): repair the text, drop unusable rows
-    (counted per reason), or raise on the first with `on_bad_rows="error"`."""
+    (counted per reason), or raise on the first with `on_bad_rows="error"`. With `regression` a label must
+    be a finite number and is kept as a float (so "3.5" and 3.5 are one target for the later rules)."""
     report = CleanReport(split, len(rows))
     rules = [(name, fn) for name, fn in REPAIRS if getattr(c, name)]
     keep, text, pair = [], list(rows.text), None if rows.pair is None else list(rows.pair)
@@ -162,7 +179,7 @@ def clean(rows: Rows, split: str, c, *, num_labels: int | None = None, on_bad_ro
         if pair is not None:
             pair[i] = _repair(pair[i], rules, changes, rows.row[i])
         reason = _problem(text[i], None if pair is None else pair[i], rows.label[i], pair is not None,
-                          num_labels, c.drop_empty, c.drop_bad_labels)
+                          num_labels, c.drop_empty, c.drop_bad_labels, regression)
         if reason is not None and on_bad_rows == "error":
             raise ValueError(f"row {rows.row[i]} of {where or split}: {reason} (text={rows.text[i]!r}, "
                              f"label={rows.label[i]!r}); set data.on_bad_rows=skip to drop such rows")
@@ -172,7 +189,8 @@ def clean(rows: Rows, split: str, c, *, num_labels: int | None = None, on_bad_ro
         for name, (before, after) in changes.items():
             report.modify(name, rows.row[i], before, after)
         keep.append(i)
-    return Rows(text, pair, rows.label, rows.row, exact).take(keep), report
+    label = [as_target(v) for v in rows.label] if regression else rows.label
+    return Rows(text, pair, label, rows.row, exact).take(keep), report
 
 
 def token_lengths(tokenizer, rows: Rows) -> list[int]:
@@ -246,12 +264,13 @@ def clean_train(rows: Rows, report: CleanReport, c, others: dict[str, Rows], tok
 
 
 def clean_splits(raw: dict[str, Rows], c, *, num_labels: int | None = None, on_bad_rows: str = "skip",
-                 where: dict[str, str] | None = None, tokenizer=None) -> tuple[dict[str, Rows], list[CleanReport]]:
+                 where: dict[str, str] | None = None, tokenizer=None, regression: bool = False
+                 ) -> tuple[dict[str, Rows], list[CleanReport]]:
     """Every rule on every split read: `clean` per split, then `clean_train` on train against the others."""
     out, reports = {}, {}
     for split, rows in raw.items():
         out[split], reports[split] = clean(rows, split, c, num_labels=num_labels, on_bad_rows=on_bad_rows,
-                                           where=(where or {}).get(split, split))
+                                           where=(where or {}).get(split, split), regression=regression)
     if "train" in out:
         others = {s: r for s, r in out.items() if s != "train"}
         out["train"] = clean_train(out["train"], reports["train"], c, others, tokenizer)
