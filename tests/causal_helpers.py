@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from conftest import forward
 
 VOCAB = 96
 
@@ -177,7 +178,7 @@ def check_export_round_trips(src: Path, out: Path, variant: str, tol: float) -> 
         str(out / "tuned"), attn_implementation="eager", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids, mask = padded_batch(seed=3)
-    d = max_diff(model(ids, attention_mask=mask), hf_logits(reloaded.eval(), ids, mask), mask)
+    d = max_diff(forward(model, ids, attention_mask=mask), hf_logits(reloaded.eval(), ids, mask), mask)
     print(f"{variant}: fine-tuned export vs jaxft {d:.2e}")
     assert d <= tol
     return a

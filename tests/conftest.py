@@ -6,6 +6,7 @@ into temporary folders; the real pretrained BERT comes from the PyPI package gt-
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -14,6 +15,43 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# The suite compiles a few thousand small XLA programs and runs each a handful of times: on the 2-core CI
+# machine backend compilation is most of its time. LLVM at -O0 compiles them about twice as fast (measured:
+# a CLI train + export test's 17 compiles, 21.8 s → 9.7 s); matmuls and convolutions are library calls at
+# any level, so only the small fused element-wise kernels run slower. Set before JAX starts its backend, and
+# inherited by the CLI and helper processes the tests start (`xla_env`). Nothing compares results across
+# optimisation levels. The SST-2 recipe tests, whose 125 MiniLM steps are real work, run at the default.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a subprocess the test starts: this one's, on the CPU, with the suite's XLA flags
+    and `devices` simulated devices (`--xla_force_host_platform_device_count`)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
+
+
+@functools.cache
+def _jitted():
+    from flax import nnx
+
+    return nnx.jit(lambda model, *a, **k: model(*a, **k)), nnx.jit(lambda model, *a: model.decode(*a))
+
+
+def forward(model, *args, **kw):
+    """`model(*args, **kw)` as one jitted program. Called eagerly, a model runs op by op and every
+    operation compiles a program of its own for its shapes: a DeepSeek decode test compiled 509 of them."""
+    return _jitted()[0](model, *args, **kw)
+
+
+def decode(model, *args):
+    """`model.decode(*args)` (ids, positions, mask, cache) as one jitted program (see `forward`)."""
+    return _jitted()[1](model, *args)
 
 
 def in_ci() -> bool:

@@ -22,6 +22,7 @@ from jaxft.optim import make_optimizer
 from jaxft.train.step import Functional, init_state, make_train_step
 
 from causal_helpers import hf_logits, load_hf, max_diff, padded_batch, save_hf
+from conftest import forward
 
 
 TOL = 1e-4
@@ -90,15 +91,15 @@ def check_causal_lora(tmp_path, variant: str, scan: bool) -> None:
     src = _save(variant, tmp_path / "base")
     ids, mask = padded_batch()
     model = jaxft.load_model(src, task="causal-lm", scan_layers=scan)
-    base = np.asarray(model(ids, attention_mask=mask))
+    base = np.asarray(forward(model, ids, attention_mask=mask))
     deepseek = variant.startswith("deepseek")
     targets = r"self_attn\..*|experts\..*" if deepseek else "all-linear"
     adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets, dropout=0.1 if deepseek else 0.0))
     if deepseek:
         assert any(".mlp.experts.7.down_proj" in n for t in adapters.targets for n in t.hf_names)
-    assert np.array_equal(np.asarray(model(ids, attention_mask=mask)), base), "a fresh adapter changed the logits"
+    assert np.array_equal(np.asarray(forward(model, ids, attention_mask=mask)), base), "a fresh adapter changed the logits"
     randomise_adapters(model)
-    lora = np.asarray(model(ids, attention_mask=mask))
+    lora = np.asarray(forward(model, ids, attention_mask=mask))
     assert max_diff(lora, base, mask) > 1e-2, "randomised adapters should change the logits"
 
     save_adapter(model, adapters, tmp_path / "adapter", str(src))
@@ -111,6 +112,6 @@ def check_causal_lora(tmp_path, variant: str, scan: bool) -> None:
     assert max_diff(adapted, plain, mask) > 1e-2, "peft ignored the adapter"
 
     merge(model, adapters)
-    assert np.abs(np.asarray(model(ids, attention_mask=mask)) - lora)[mask.astype(bool)].max() <= 1e-5
+    assert np.abs(np.asarray(forward(model, ids, attention_mask=mask)) - lora)[mask.astype(bool)].max() <= 1e-5
     jaxft.save_pretrained(model, tmp_path / "merged")
     assert max_diff(hf_logits(load_hf(tmp_path / "merged"), ids, mask), lora, mask) <= TOL

@@ -11,7 +11,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import jaxft
-from conftest import random_batch, save_tiny_bert
+from conftest import forward, random_batch, save_tiny_bert
 
 TOL = 1e-4  # DESIGN.md: float32 logits vs PyTorch
 
@@ -48,7 +48,7 @@ def test_logits_match_pytorch(tmp_path, name):
     folder = save_tiny_bert(tmp_path / "hf", seed=len(name), random_init=True, **kw)
     ids, mask, types = random_batch(99, type_vocab=kw.get("type_vocab_size", 2))
     model = jaxft.load_model(folder, task="sequence-classification")
-    ours = np.asarray(model(ids, attention_mask=mask, token_type_ids=types))
+    ours = np.asarray(forward(model, ids, attention_mask=mask, token_type_ids=types))
     ref = torch_logits(folder, ids, mask, types)
     assert ours.shape == ref.shape == (3, kw.get("num_labels", 3))
     check_logits(ours, ref)
@@ -90,7 +90,7 @@ def test_modified_export_loads_in_pytorch(tmp_path):
     assert torch_model.config.id2label == {0: "neg", 1: "pos"}
     assert torch_model.config.architectures == ["BertForSequenceClassification"]
     ids, mask, types = random_batch(99, seed=1)
-    check_logits(np.asarray(model(ids, attention_mask=mask, token_type_ids=types)),
+    check_logits(np.asarray(forward(model, ids, attention_mask=mask, token_type_ids=types)),
                  torch_logits(out, ids, mask, types))
 
 
@@ -111,7 +111,7 @@ def test_real_minilm_encoder_matches_pytorch(minilm_dir, tmp_path, caplog):
 
     # Full classifier: give PyTorch's the same (random) head through an export, then compare logits.
     exported = jaxft.save_pretrained(model, tmp_path / "cls")
-    np.testing.assert_allclose(np.asarray(model(enc["input_ids"], attention_mask=enc["attention_mask"],
+    np.testing.assert_allclose(np.asarray(forward(model, enc["input_ids"], attention_mask=enc["attention_mask"],
                                                 token_type_ids=enc["token_type_ids"])),
                                torch_logits(exported, enc["input_ids"], enc["attention_mask"],
                                             enc["token_type_ids"]), atol=TOL, rtol=0)
@@ -160,5 +160,5 @@ def test_sharded_export_with_index_reloads(tmp_path):
     assert (out / "model.safetensors.index.json").exists()
     again = jaxft.load_model(out, task="sequence-classification")
     ids, mask, types = random_batch(99)
-    np.testing.assert_array_equal(np.asarray(model(ids, attention_mask=mask, token_type_ids=types)),
-                                  np.asarray(again(ids, attention_mask=mask, token_type_ids=types)))
+    np.testing.assert_array_equal(np.asarray(forward(model, ids, attention_mask=mask, token_type_ids=types)),
+                                  np.asarray(forward(again, ids, attention_mask=mask, token_type_ids=types)))

@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxft
 from jaxft.train.losses import classification_loss, make_causal_lm_loss
 from jaxft.train.step import Functional
 from causal_helpers import VOCAB, build_hf as build_causal
-from conftest import random_batch, save_tiny_bert
+from conftest import decode, forward, random_batch, save_tiny_bert
 
 TOL = 1e-5
 BLOCK = 8
@@ -64,17 +63,6 @@ def load_pair(folder, task, **options):
     plain = jaxft.load_model(folder, task=task, attention="plain", **options)
     block = jaxft.load_model(folder, task=task, attention="blockwise", attention_block=BLOCK, **options)
     return plain, block
-
-
-# jitted (eager dispatch of these small models costs ~10x more than compiling them)
-@nnx.jit
-def forward(model, *args, **kw):
-    return model(*args, **kw)
-
-
-@nnx.jit
-def decode(model, ids, positions, mask, cache):
-    return model.decode(ids, positions, mask, cache)
 
 
 def mean_loss_grads(model, loss_fn, batch):

@@ -20,6 +20,7 @@ import jaxft
 from jaxft.models import causal, get_family
 from causal_helpers import (ROPE_VARIANTS, VARIANTS, build_hf, check_export_round_trips, hf_logits, load_hf,
                             long_prompt, max_diff, padded_batch, save_hf, token_ce)
+from conftest import forward
 
 TOL = 1e-4
 CASES = [(v, "rope_parameters") for v in VARIANTS] + [(v, "rope_scaling") for v in ROPE_VARIANTS]
@@ -32,9 +33,9 @@ def test_logits_match_transformers(tmp_path, variant, spelling):
     assert model.task == "causal-lm"
 
     ids, mask = padded_batch()
-    d_pad = max_diff(model(ids, attention_mask=mask), hf_logits(ref, ids, mask), mask)
+    d_pad = max_diff(forward(model, ids, attention_mask=mask), hf_logits(ref, ids, mask), mask)
     ids = long_prompt()
-    d_long = max_diff(model(ids), hf_logits(ref, ids))
+    d_long = max_diff(forward(model, ids), hf_logits(ref, ids))
     print(f"{variant} ({spelling}): padded {d_pad:.2e}, 520 tokens {d_long:.2e}")
     assert d_pad <= TOL and d_long <= TOL
 
@@ -146,10 +147,10 @@ def test_dropout_is_seeded_and_off_in_eval(tmp_path, variant, overrides):
     build_hf(variant, **overrides).save_pretrained(folder)
     model = jaxft.load_model(folder, task="causal-lm")
     ids, mask = padded_batch()
-    clean = model(ids, attention_mask=mask)
-    a = model(ids, attention_mask=mask, dropout_rng=jax.random.key(0))
-    b = model(ids, attention_mask=mask, dropout_rng=jax.random.key(0))
-    c = model(ids, attention_mask=mask, dropout_rng=jax.random.key(1))
+    clean = forward(model, ids, attention_mask=mask)
+    a = forward(model, ids, attention_mask=mask, dropout_rng=jax.random.key(0))
+    b = forward(model, ids, attention_mask=mask, dropout_rng=jax.random.key(0))
+    c = forward(model, ids, attention_mask=mask, dropout_rng=jax.random.key(1))
     np.testing.assert_array_equal(a, b)
     assert max_diff(a, clean, mask) > 1e-3 and max_diff(a, c, mask) > 1e-3
     assert max_diff(clean, hf_logits(load_hf(folder), ids, mask), mask) <= TOL

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from jaxft.config import ConfigError, load_config, save_config
+from conftest import xla_env
 
 BASE = ["model.name_or_path=some/model"]
 
@@ -55,7 +55,7 @@ def test_batch_not_divisible_by_data_parallel_devices_exits_nonzero(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{name_or_path: m}}\ndata: {{train: x.tsv}}\ntrain: {{batch_size: 12}}\n"
                    f"output_dir: {tmp_path / 'run'}\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = xla_env(8)
     proc = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(cfg)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr

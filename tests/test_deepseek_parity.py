@@ -24,6 +24,7 @@ import jaxft
 from jaxft.models import get_family, moe
 from causal_helpers import (VOCAB, check_export_round_trips, hf_logits, long_prompt, max_diff, padded_batch,
                             token_ce)
+from conftest import decode, forward
 
 TOL = 1e-4
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -105,9 +106,9 @@ def test_logits_match_transformers(tmp_path, variant, spelling):
     folder = save_hf(variant, tmp_path / "hf", spelling=spelling)
     ref, model = load_hf(folder), jaxft.load_model(folder, task="causal-lm")
     ids, mask = padded_batch()
-    d_pad = max_diff(model(ids, attention_mask=mask), hf_logits(ref, ids, mask), mask)
+    d_pad = max_diff(forward(model, ids, attention_mask=mask), hf_logits(ref, ids, mask), mask)
     ids = long_prompt(512)
-    d_long = max_diff(model(ids), hf_logits(ref, ids))
+    d_long = max_diff(forward(model, ids), hf_logits(ref, ids))
     print(f"{variant} ({spelling}): padded {d_pad:.2e}, 512 tokens {d_long:.2e}")
     assert d_pad <= TOL and d_long <= TOL
 
@@ -187,9 +188,9 @@ def test_greedy_generation_matches_transformers(tmp_path, variant):
     cfg = model.config
     assert cache.keys[0].shape == (2, 16, 1, cfg.kv_lora_rank) and cache.values[0].shape == (2, 16, 1, 4)
     positions = np.where(mask, np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-    step, cache = model.decode(ids[:, :8], positions[:, :8], mask[:, :8], cache)
-    rest, cache = model.decode(ids[:, 8:], positions[:, 8:], mask[:, 8:], cache)
-    full = model(ids, attention_mask=mask, positions=positions)
+    step, cache = decode(model, ids[:, :8], positions[:, :8], mask[:, :8], cache)
+    rest, cache = decode(model, ids[:, 8:], positions[:, 8:], mask[:, 8:], cache)
+    full = forward(model, ids, attention_mask=mask, positions=positions)
     d = max_diff(np.concatenate([step, rest], 1), full, mask)
     print(f"{variant}: cached (absorbed latent) vs uncached logits {d:.2e}")
     assert d <= 1e-5

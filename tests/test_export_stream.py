@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import weakref
@@ -27,6 +26,7 @@ from jaxft.hf.files import SAFE_INDEX, write_safetensors
 from jaxft.hf.load import flat_params
 from jaxft.hf.table import NameTable
 from causal_helpers import hf_logits, load_hf, max_diff, padded_batch, save_hf
+from conftest import xla_env
 
 
 def same_files(a: Path, b: Path, pattern: str = "model*") -> list[str]:
@@ -222,7 +222,7 @@ assert np.array_equal(a, np.arange(8.0).reshape(4, 2))
 assert x._npy_value is None, "host copy cached on the parameter"
 print("ok")
 """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = xla_env(2)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -249,7 +249,7 @@ def test_two_processes_stream_a_scanned_model_like_one(tmp_path):
     src = save_hf("llama-mha", tmp_path / "src", num_key_value_heads=2)
     script, port = tmp_path / "two.py", free_port()
     script.write_text(TWO_PROCESSES)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = xla_env(2)
     procs = [subprocess.Popen([sys.executable, str(script), str(port), str(pid), str(src), str(tmp_path / "out{pid}")],
                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pid in range(2)]
     for proc in procs:

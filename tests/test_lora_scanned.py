@@ -11,7 +11,7 @@ import pytest
 import jaxft
 from jaxft.lora import LoraSpec, apply_lora, merge, save_adapter
 
-from conftest import random_batch, save_tiny_bert
+from conftest import forward, random_batch, save_tiny_bert
 from lora_helpers import CAUSAL, TOL, _peft_logits, check_causal_lora, randomise_adapters
 
 
@@ -42,14 +42,14 @@ def test_bert_lora_with_trained_head_matches_peft(tmp_path, scan):
     src = _random_bert(tmp_path / "bert")
     ids, mask, types = random_batch(99)
     model = jaxft.load_model(src, task="sequence-classification", num_labels=3, scan_layers=scan)
-    base = np.asarray(model(ids, attention_mask=mask, token_type_ids=types))
+    base = np.asarray(forward(model, ids, attention_mask=mask, token_type_ids=types))
     adapters = apply_lora(model, LoraSpec(rank=4, alpha=4.0, rslora=True))
     assert adapters.train_modules == ["classifier"]
     assert adapters.train_paths == {"classifier.kernel", "classifier.bias"}
     assert "bert.pooler.dense" in [n for t in adapters.targets for n in t.hf_names]  # as peft's all-linear
     randomise_adapters(model)
     model.classifier.kernel.set_value(model.classifier.kernel.get_value() + 0.3)  # a trained head
-    lora = np.asarray(model(ids, attention_mask=mask, token_type_ids=types))
+    lora = np.asarray(forward(model, ids, attention_mask=mask, token_type_ids=types))
     assert np.abs(lora - base).max() > 1e-2
 
     save_adapter(model, adapters, tmp_path / "adapter", str(src))

@@ -21,6 +21,7 @@ from jaxft.train.step import Functional, init_state, make_train_step
 
 from causal_helpers import VOCAB, padded_batch, save_hf
 from lora_helpers import TOL, _fit
+from conftest import forward, xla_env
 
 
 def test_training_changes_only_adapters_and_keeps_no_base_state(tmp_path):
@@ -120,7 +121,7 @@ def test_cli_lora_run_trains_exports_and_refuses_another_base(tmp_path, capsys):
 
     restored = restore_run(run)
     ids = np.array([[3, 5, 7, 9, 11, 13]], np.int32)
-    ours = np.asarray(restored.model(ids))
+    ours = np.asarray(forward(restored.model, ids))
     assert main(["export", str(run), str(tmp_path / "adapter"), "--adapter"]) == 0
     assert main(["export", str(run), str(tmp_path / "merged")]) == 0
     with __import__("torch").no_grad():
@@ -159,7 +160,6 @@ def test_lora_on_a_mesh_equals_one_device(tmp_path):
     rank never sharded: a Llama on fsdp 4 × tensor 2, the same with an NF4 base (QLoRA), and DeepSeek-V3 on
     fsdp 2 × expert 4 (all-linear: MLA, dense MLP, shared and routed experts; adapter dropout on), whose
     routed experts' adapters are split over the experts like their kernels."""
-    import os
     import subprocess
     import sys
 
@@ -171,7 +171,7 @@ def test_lora_on_a_mesh_equals_one_device(tmp_path):
              {"folder": str(llama), "mesh": {"fsdp": 4, "tensor": 2}, "quantize": "nf4"},
              {"folder": str(deepseek), "mesh": {"fsdp": 2, "expert": 4}, "dropout": 0.1}]
     out = tmp_path / "out.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = xla_env(8)
     subprocess.run([sys.executable, str(Path(__file__).parent / "lora_mesh_helper.py"), json.dumps(cases),
                     str(out)], check=True, env=env, timeout=1200)
     results = json.loads(out.read_text())

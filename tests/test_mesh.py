@@ -9,7 +9,6 @@ the same random batches; the DESIGN.md bar is the single-device loss at every st
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from causal_helpers import save_hf
-from conftest import save_tiny_bert
+from conftest import save_tiny_bert, xla_env
 from jaxft import parallel
 
 HERE = Path(__file__).resolve().parent
@@ -54,10 +53,7 @@ def save_deepseek(folder: Path, seed: int = 0) -> Path:
 
 def start(spec: dict, path: Path, devices: int = 8) -> subprocess.Popen:
     path.write_text(json.dumps(spec))
-    # Backend optimisation level 0 compiles these tiny steps ~4x faster; both sides of every comparison
-    # run in the same process, so they share it.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-               "--xla_backend_optimization_level=0")
+    env = xla_env(devices)
     return subprocess.Popen([sys.executable, str(HERE / "mesh_helpers.py"), str(path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

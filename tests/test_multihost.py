@@ -22,6 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from causal_helpers import save_hf
+from conftest import xla_env
 from jaxft.cli import main
 from sft_helpers import save_tiny_llama
 
@@ -37,8 +38,7 @@ def free_port() -> int:
 
 def launch(spec: dict, path: Path, devices: int) -> subprocess.Popen:
     path.write_text(json.dumps(spec))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-               "--xla_backend_optimization_level=0")
+    env = xla_env(devices)
     return subprocess.Popen([sys.executable, str(HERE / "mesh_helpers.py"), str(path)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -173,7 +173,7 @@ def test_jaxft_train_on_two_processes_slices_writes_once_and_stops_together(tmp_
                    "train: {batch_size: 8, steps: 1000, log_every: 1, log_batches: true}\n"
                    "mesh: {data: 2, fsdp: 2}\n")
     run, port, procs = tmp_path / "run", free_port(), []
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = xla_env(2)
     for pid in range(2):
         procs.append(subprocess.Popen(
             [sys.executable, "-c", TRAIN_WITH_AUDIT, str(run), "train", str(cfg), f"output_dir={run}",
@@ -232,6 +232,7 @@ def test_ctrl_c_on_a_multi_process_run_reaches_jax_as_sigterm(monkeypatch):
     got = []
     notifier = lambda signum, frame: got.append(signum)       # stands in for JAX's SIGTERM handler
     previous = signal.signal(signal.SIGTERM, notifier)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     guard = faults.PreemptionGuard()
     try:
@@ -246,4 +247,5 @@ def test_ctrl_c_on_a_multi_process_run_reaches_jax_as_sigterm(monkeypatch):
     finally:
         guard.close()
         signal.signal(signal.SIGTERM, previous)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        restored = signal.signal(signal.SIGINT, previous_int)
+    assert restored is signal.default_int_handler             # the guard put back the handler it found

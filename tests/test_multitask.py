@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import save_tiny_bert
+from conftest import forward, save_tiny_bert
 from jaxft.cli import main
 from jaxft.config import ConfigError, load_config
 from jaxft.data.batches import Batches
@@ -231,7 +231,7 @@ def test_multitask_run_metrics_early_stopping_and_per_task_export(mt_config, tmp
     assert step == best["step"]
     tok = transformers.AutoTokenizer.from_pretrained(out / "topic")
     enc = tok(["goal team the score", "awful dull it", "law code a poll robot"], padding=True, return_tensors="np")
-    ours = np.asarray(model(enc["input_ids"], attention_mask=enc["attention_mask"],
+    ours = np.asarray(forward(model, enc["input_ids"], attention_mask=enc["attention_mask"],
                             token_type_ids=enc["token_type_ids"]))
     for name, labels in (("topic", ["sport", "tech", "vote"]), ("senti", ["neg", "pos"])):
         torch_model, info = transformers.AutoModelForSequenceClassification.from_pretrained(

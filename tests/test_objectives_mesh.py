@@ -5,7 +5,6 @@ of 3 steps within 1e-4 relative, parameters after them within 1e-4)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from causal_helpers import build_hf
-from conftest import save_tiny_bert
+from conftest import save_tiny_bert, xla_env
 
 
 @pytest.mark.slow
@@ -27,7 +26,7 @@ def test_objectives_on_eight_devices_equal_one(tmp_path, minilm_dir):
     teacher = save_tiny_bert(tmp_path / "teacher", seed=1, hidden_size=48, num_hidden_layers=3,
                              intermediate_size=40, **common)
     out = tmp_path / "out.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = xla_env(8)
     subprocess.run([sys.executable, str(Path(__file__).parent / "objective_mesh_helper.py"), str(causal),
                     str(student), str(teacher), str(out)], check=True, env=env, timeout=1200)
     results = json.loads(out.read_text())

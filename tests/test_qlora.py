@@ -17,6 +17,7 @@ from jaxft.train.step import Functional
 
 from causal_helpers import hf_logits, load_hf, max_diff, padded_batch, save_hf
 from lora_helpers import TOL, _fit
+from conftest import forward
 
 
 def test_nf4_code_book_and_quantisation_error_bounds():
@@ -119,7 +120,7 @@ def test_qlora_quantises_deepseek_routed_experts(tmp_path):
     adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=r"self_attn\..*|experts\..*"))
     randomise_adapters(model)
     ids, mask = padded_batch()
-    ours = np.asarray(model(ids, attention_mask=mask))
+    ours = np.asarray(forward(model, ids, attention_mask=mask))
     merge(model, adapters)
     assert experts.gate_proj.quant is None and experts.gate_proj.kernel is not None
     jaxft.save_pretrained(model, tmp_path / "merged")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import minilm_path, save_tiny_bert, shared_data
+from conftest import forward, minilm_path, save_tiny_bert, shared_data, xla_env
 from jaxft.cli import main
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "cast", "music", "very", "quite"]
@@ -133,7 +133,7 @@ def test_eval_batch_size_sets_the_evaluation_batches_and_not_the_metrics(early, 
 def test_eval_batch_size_not_divisible_by_the_data_parallel_devices_is_refused(cls, tmp_path):
     tmp, _, base = cls
     cfg = write_config(tmp_path / "c.yaml", base + "train: {batch_size: 8, eval_batch_size: 3}\nmesh: {data: 2}\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = xla_env(2)
     proc = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(cfg), f"output_dir={tmp_path / 'run'}"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -301,7 +301,7 @@ def test_bert_dropout_is_on_in_training_and_off_in_eval(tmp_path):
         state["params"] = jax.tree.map(lambda x: x.copy(), state["params"])   # the step donates its state
         return float(train_step(state, dev)[1]["loss"])
 
-    logits = np.asarray(model(ids, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]))
+    logits = np.asarray(forward(model, ids, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]))
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     plain = -logp[np.arange(8), batch["labels"]].mean()                # no dropout
     evals = [float(eval_step(fn.params, dev)[0]) / 8 for _ in range(2)]

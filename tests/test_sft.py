@@ -11,6 +11,7 @@ from jaxft.config import load_config
 from jaxft.data.sft import build_sft, encode_chat, encode_prompt_completion, pack
 from jaxft.data.sources import DataError
 from sft_helpers import TEMPLATE_BAD, TEMPLATE_MARKED, make_tokenizer, save_tiny_llama
+from conftest import forward
 
 CHAT = [{"role": "user", "content": "map w1"}, {"role": "assistant", "content": "d1"},
         {"role": "user", "content": "map w2 please"}, {"role": "assistant", "content": "d2 d3"}]
@@ -116,7 +117,7 @@ def test_packed_text_rows_stay_apart(tmp_path):
     assert max(len(np.unique(batch["segment_ids"][r])) - 1 for r in range(len(packed))) >= 3
 
     model = jaxft.load_model(save_hf("llama-gqa-tied", tmp_path / "m"), task="causal-lm")  # all params random
-    logits = np.asarray(model(batch["input_ids"], attention_mask=batch["attention_mask"],
+    logits = np.asarray(forward(model, batch["input_ids"], attention_mask=batch["attention_mask"],
                               segment_ids=batch["segment_ids"]))
     # the same documents unpacked, one per (right-padded) row
     alone = Batches(enc, None, len(enc), pad_id=tok.pad_token_id, max_length=12).next()

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxft.train.loop import train
-from test_sst2_recipe import recipe
+from test_sst2_recipe import recipe, train_recipe
 
 
 @pytest.mark.slow
@@ -15,6 +14,6 @@ def test_minilm_sst2_lora_recipe_reaches_078(tmp_path, minilm_dir):
     """LoRA rank 8, alpha 16, all-linear, lr 1e-3, classifier trained in full (PyTorch + peft: 0.8085)."""
     cfg = recipe("lora_sst2_minilm.yaml", tmp_path)
     assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets, cfg.optim.lr) == (8, 16, "all-linear", 1e-3)
-    summary = train(cfg)
+    summary = train_recipe("lora_sst2_minilm.yaml", tmp_path)
     assert summary["step"] == 125
     assert summary["test"]["accuracy"] >= 0.78, summary["test"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import save_tiny_bert, shared_data
+from conftest import forward, save_tiny_bert, shared_data
 from jaxft.cli import main
 
 
@@ -86,7 +86,7 @@ def test_train_resume_eval_export(sst2_config, tmp_path, capsys):
     model, _, _ = restore_model(run_dir)
     tok = transformers.AutoTokenizer.from_pretrained(export)
     enc = tok(["a triumph of style", "it never takes off ."], padding=True, return_tensors="np")
-    ours = np.asarray(model(enc["input_ids"], attention_mask=enc["attention_mask"],
+    ours = np.asarray(forward(model, enc["input_ids"], attention_mask=enc["attention_mask"],
                             token_type_ids=enc["token_type_ids"]))
     with torch.no_grad():
         ref = torch_model.eval()(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
