@@ -40,13 +40,15 @@ def xla_env(devices: int | None = None, **extra: str) -> dict[str, str]:
 def _jitted():
     from flax import nnx
 
-    return nnx.jit(lambda model, *a, **k: model(*a, **k)), nnx.jit(lambda model, *a: model.decode(*a))
+    call = lambda model, *a, method, **k: getattr(model, method)(*a, **k)
+    return nnx.jit(call, static_argnames="method"), nnx.jit(lambda model, *a: model.decode(*a))
 
 
-def forward(model, *args, **kw):
-    """`model(*args, **kw)` as one jitted program. Called eagerly, a model runs op by op and every
-    operation compiles a program of its own for its shapes: a DeepSeek decode test compiled 509 of them."""
-    return _jitted()[0](model, *args, **kw)
+def forward(model, *args, method: str = "__call__", **kw):
+    """`model(*args, **kw)` (or `model.METHOD(...)`) as one jitted program. Called eagerly, a model runs
+    op by op and every operation compiles a program of its own for its shapes: a DeepSeek decode test
+    compiled 509 of them, a packed-sequence test 560."""
+    return _jitted()[0](model, *args, method=method, **kw)
 
 
 def decode(model, *args):

@@ -61,7 +61,7 @@ def test_gradients_match_pytorch(tmp_path, variant):
     def loss(p):
         return token_ce(nnx.merge(graphdef, p, rest)(ids, attention_mask=mask), ids, mask)
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     table = get_family(model.hf_config["model_type"], "causal-lm").name_table(model.config, "causal-lm")
     ours = table.export({".".join(map(str, k)): np.asarray(v.get_value())
                          for k, v in nnx.to_flat_state(grads)})
@@ -94,10 +94,10 @@ def test_packed_equals_unpacked(tmp_path, variant):
     row = np.concatenate(docs + [np.zeros(pad, np.int32)])[None]
     seg = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(pad)])[None]
     mask = (seg > 0).astype(np.int32)
-    logits = model(row, attention_mask=mask, segment_ids=seg.astype(np.int32))
+    logits = forward(model, row, attention_mask=mask, segment_ids=seg.astype(np.int32))
     start = 0
     for d in docs:
-        alone = model(d[None])
+        alone = forward(model, d[None])
         ones = np.ones((1, len(d)), np.int32)
         packed_loss = token_ce(logits[:, start:start + len(d)], d[None], ones)
         alone_loss = token_ce(alone, d[None], ones)

@@ -236,11 +236,12 @@ def test_packed_equals_unpacked(tmp_path):
     docs = [rng.randint(3, VOCAB, n).astype(np.int32) for n in (13, 17)]
     row = np.concatenate(docs + [np.zeros(4, np.int32)])[None]
     seg = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(4)])[None].astype(np.int32)
-    logits, stats = model.forward_with_router_stats(row, attention_mask=(seg > 0).astype(np.int32), segment_ids=seg)
+    logits, stats = forward(model, row, attention_mask=(seg > 0).astype(np.int32), segment_ids=seg,
+                            method="forward_with_router_stats")
     assert float(stats.counts[0].sum()) == 2 * 30
     start = 0
     for d in docs:
-        d_max = max_diff(logits[:, start:start + len(d)], model(d[None]))
+        d_max = max_diff(logits[:, start:start + len(d)], forward(model, d[None]))
         assert d_max <= 1e-5, d_max
         start += len(d)
 

@@ -44,12 +44,16 @@ def test_deepseek_all_linear_merges_and_refuses_a_misrouted_peft_adapter(tmp_pat
     assert model.model.layers.mlp.experts.down_proj.lora.b.shape == (2, 8, 4, 32)   # [L, E, r, D]
     randomise_adapters(model)
 
+    @nnx.jit  # the key is an argument: None and a key trace apart, another key reuses the program
+    def run(model, key):
+        with adapter_dropout(key):
+            return model(ids, attention_mask=mask)
+
     def logits(impl, key=None):
         for _, m in nnx.iter_modules(model):
             if isinstance(m, moe.MoE):
-                m.impl = impl
-        with adapter_dropout(key):
-            return np.asarray(model(ids, attention_mask=mask))
+                m.impl = impl  # a static attribute: each dispatch is its own program
+        return np.asarray(run(model, key))
 
     for key in (None, jax.random.key(5)):
         out = {impl: logits(impl, key) for impl in ("blocks", "dense", "ragged_dot")}

@@ -62,8 +62,9 @@ def write_run(tmp_path: Path, hf_config: dict, **sections) -> Path:
 
 
 # README / configs/deepseek_v3_pod.yaml: params 10.5 + optimizer state 21.0 + gradients 10.5 + activations
-# 24.3 = peak 66.4 GiB per chip; fits v5p (95), H100 (80), H200 (141); not v4/v6e (32) or v5e (16).
-README_POD_GIB = {"params": 10.5, "opt_state": 21.0, "gradients": 10.5, "activations": 24.3, "peak": 66.4}
+# 14.7 (the chunked LM loss's) = peak 56.7 GiB per chip; fits v5p (95), H100 (80), H200 (141); not v4/v6e
+# (32) or v5e (16).
+README_POD_GIB = {"params": 10.5, "opt_state": 21.0, "gradients": 10.5, "activations": 14.7, "peak": 56.7}
 README_POD_FITS = {"TPU v4": False, "TPU v5e": False, "TPU v5p": True, "TPU v6e": False, "H100": True, "H200": True}
 
 
