@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from flax import nnx
 import pytest
 
 from jaxft.config import load_config
@@ -121,12 +122,13 @@ def test_packed_text_rows_stay_apart(tmp_path):
                               segment_ids=batch["segment_ids"]))
     # the same documents unpacked, one per (right-padded) row
     alone = Batches(enc, None, len(enc), pad_id=tok.pad_token_id, max_length=12).next()
-    ref = np.asarray(model(alone["input_ids"], attention_mask=alone["attention_mask"]))
+    ref = np.asarray(forward(model, alone["input_ids"], attention_mask=alone["attention_mask"]))
     for i, r, p in seen:
         np.testing.assert_allclose(logits[r, p], ref[i, : len(p)], atol=1e-4, rtol=0)
-    total, aux = causal_lm_loss(model, alone, None)
+    loss = nnx.jit(lambda model, b: causal_lm_loss(model, b, None))  # one program, not op by op
+    total, aux = loss(model, alone)
     total, weight = float(total), float(aux["weight"])
-    packed_sum, packed_aux = causal_lm_loss(model, batch, None)
+    packed_sum, packed_aux = loss(model, batch)
     assert weight == sum(len(s["input_ids"]) - 1 for s in singles)
     assert float(packed_aux["weight"]) == weight
     assert abs(float(packed_sum) - total) < 1e-5 * max(1.0, total)
