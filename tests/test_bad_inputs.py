@@ -63,12 +63,16 @@ def w(tmp_path_factory, minilm_dir) -> World:
 
 
 @pytest.fixture(autouse=True)
-def fresh_log_handler():
+def fresh_log_handler(monkeypatch):
     """`setup_logging` adds one console handler on the sys.stderr of its time; pytest swaps sys.stderr per
-    test, so drop it and let each command add its own."""
+    test, so drop it and let each command add its own. Handlers other libraries' earlier tests left on the
+    root logger hold streams pytest has since closed: a record reaching them (`datasets` logs the error of
+    a file it cannot read) would print "--- Logging error ---" and a traceback that no real run prints, so
+    logging's own error report is off here (`logging.raiseExceptions`)."""
     root = logging.getLogger("jaxft")
     for h in [h for h in root.handlers if type(h) is logging.StreamHandler]:
         root.removeHandler(h)
+    monkeypatch.setattr(logging, "raiseExceptions", False)
     yield
 
 
