@@ -65,6 +65,27 @@ def test_report_states_each_target_met_or_missed_by_how_much(tmp_path):
     assert "| jaxft | 100.0 ms | 200.0 ms | 2.00× |" in text
     assert "| PyTorch (transformers) | 400.0 ms | 1600.0 ms | 4.00× |" in text
     assert "versions: Python" in text and "command: `'jaxft bench' llama-135m moe`" in text
+    assert "LoRA vs full" not in text      # only when both LM workloads ran
+
+
+def test_report_compares_lora_with_full_fine_tuning(tmp_path):
+    """The LoRA issue's target, jaxft's LoRA step against its own full step (≤ 0.75×), with XLA's
+    compiled-program memory of both."""
+    from jaxft.bench.report import write_report
+
+    def side(step_s, temp_gib):
+        return dict(fake_step_result(step_s, rss_gib=4.0), xla_bytes={"temporaries": int(temp_gib * 2**30)})
+
+    torch = fake_step_result([1.0], rss_gib=6.0)
+    results = {"llama-135m": {"params": {}, "sides": {"jaxft": side([2.0, 2.0, 2.2], 3.0), "torch": torch}},
+               "llama-135m-lora": {"params": {}, "sides": {"jaxft": side([1.6, 1.7, 1.6], 1.5), "torch": torch}}}
+    out = tmp_path / "B.md"
+    write_report(results, out, reduced=False, argv=["bench"])
+    text = out.read_text()
+    assert "| step (median) | 2.000 s | 1.600 s | 0.80 |" in text
+    assert "| compiled step temporaries (XLA) | 3.00 GiB | 1.50 GiB | 0.50 |" in text
+    # 0.8 against at most 0.75: 0.8 / 0.75 = 1.067, missed by 7%
+    assert "target LoRA step ≤ 0.75× the full step: 0.80× — missed by 7%" in text
 
 
 @pytest.mark.slow

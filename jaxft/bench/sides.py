@@ -197,7 +197,12 @@ def jax_side(p: dict) -> dict:
 
     lengths = [np.asarray(b["attention_mask"]).sum(1) for b in batches]
     first, windows = timed_windows(step, batches, p["warmup"], p["steps"], p["repeats"], jax.block_until_ready)
-    return window_report(p, first, windows, lengths) | {
+    compiled = {}
+    if p["task"] == "causal-lm":   # one fixed shape: XLA's memory analysis of the program that was timed
+        ma = train_step.lower(box["state"], batches[0]).compile().memory_analysis()
+        compiled = {"xla_bytes": {"temporaries": ma.temp_size_in_bytes, "arguments": ma.argument_size_in_bytes,
+                                  "outputs": ma.output_size_in_bytes}}
+    return window_report(p, first, windows, lengths) | compiled | {
             "peak_rss_bytes": peak_rss_bytes(),
             "matmul_peak_flops": jax_matmul_peak(dtype), "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind, "trainable_params": sum(int(np.prod(v.shape))
