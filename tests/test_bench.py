@@ -100,3 +100,28 @@ def test_bench_gpu_runs_in_reduced_mode():
     for r in runs:
         assert r["step_s"][0] > 0 and 0 < r["mfu"] < 1, r
     assert proc.stdout.count("| tiny | 2 × 64 |") == 2
+
+
+def test_profile_kinds_and_report_table(tmp_path):
+    """Ops are summed into the same kinds on both sides (XLA fusion names, ATen op names), the time outside
+    any op is the wall time left over, and the report shows both sides' kinds and largest ops."""
+    from jaxft.bench import profile
+    from jaxft.bench.report import write_report
+
+    xla = profile.summarise({"ynn_fusion": 3.0, "dot": 1.0, "copy_bitcast_fusion": 2.0, "transpose_copy_fusion": 0.5,
+                             "multiply_add_fusion": 1.5}, wall=10.0, steps=2,
+                            matmul=profile._XLA_MATMUL, copy=profile._XLA_COPY)
+    assert xla["kinds"] == {"matmul": 2.0, "layout copy": 1.25, "other ops": 0.75, "not in an op": 1.0}
+    assert xla["top"][0] == ["ynn_fusion", 1.5]
+    aten = profile.summarise({"aten::addmm": 4.0, "aten::_scaled_dot_product_flash_attention_for_cpu": 1.0,
+                              "aten::copy_": 1.0, "aten::mul": 2.0}, wall=8.0, steps=1,
+                             matmul=profile._TORCH_MATMUL, copy=profile._TORCH_COPY)
+    assert aten["kinds"] == {"matmul": 5.0, "layout copy": 1.0, "other ops": 2.0, "not in an op": 0.0}
+
+    sides = {"jaxft": dict(fake_step_result([1.0], rss_gib=1.0), profile=xla),
+             "torch": dict(fake_step_result([1.0], rss_gib=1.0), profile=aten)}
+    out = tmp_path / "B.md"
+    write_report({"llama-135m": {"params": {}, "sides": sides}}, out, reduced=True, argv=["bench"])
+    text = out.read_text()
+    assert "| layout copy | 1.250 | 1.000 |" in text and "| not in an op | 1.000 | 0.000 |" in text
+    assert "Largest jaxft ops: `ynn_fusion` 1.500 s" in text and "Largest PyTorch ops: `aten::addmm` 4.000 s" in text

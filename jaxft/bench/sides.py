@@ -198,6 +198,10 @@ def jax_side(p: dict) -> dict:
     lengths = [np.asarray(b["attention_mask"]).sum(1) for b in batches]
     first, windows = timed_windows(step, batches, p["warmup"], p["steps"], p["repeats"], jax.block_until_ready)
     compiled = {}
+    if p.get("profile_steps"):
+        from jaxft.bench.profile import xla_profile
+
+        compiled["profile"] = xla_profile(lambda: step(batches[0]), jax.block_until_ready, p["profile_steps"])
     if p["task"] == "causal-lm":   # one fixed shape: XLA's memory analysis of the program that was timed
         ma = train_step.lower(box["state"], batches[0]).compile().memory_analysis()
         compiled = {"xla_bytes": {"temporaries": ma.temp_size_in_bytes, "arguments": ma.argument_size_in_bytes,
@@ -281,7 +285,12 @@ def torch_side(p: dict) -> dict:
 
     lengths = [b["attention_mask"].sum(1).numpy() for b in batches]
     first, windows = timed_windows(step, batches, p["warmup"], p["steps"], p["repeats"], lambda x: x.item())
-    return window_report(p, first, windows, lengths) | {
+    extra = {}
+    if p.get("profile_steps"):
+        from jaxft.bench.profile import torch_profile
+
+        extra["profile"] = torch_profile(lambda: step(batches[0]), lambda x: x.item(), p["profile_steps"])
+    return window_report(p, first, windows, lengths) | extra | {
             "peak_rss_bytes": peak_rss_bytes(),
             "matmul_peak_flops": torch_matmul_peak(), "backend": "cpu", "device": "cpu",
             "torch_threads": torch.get_num_threads(), "trainable_params": sum(q.numel() for q in params)}
