@@ -42,6 +42,7 @@ from jaxft.optim import make_optimizer
 from jaxft.models.options import RunOptions
 from jaxft.train.losses import classification_loss, make_causal_lm_loss
 from jaxft.train.model import with_adapters
+from jaxft.train.preference import REFERENCE_COLUMNS
 from jaxft.train.step import Functional, init_state, make_train_step, state_shardings
 
 log = logging.getLogger("jaxft")
@@ -144,13 +145,15 @@ def abstract_model(cfg: Config) -> tuple[nnx.Module, str]:
 
 
 def batch_shapes(task: str, batch: int, length: int, packing: bool = False,
-                 objective: str = "supervised") -> dict[str, jax.ShapeDtypeStruct]:
-    """The arrays of one batch of `task` under `objective` (what `jaxft.data` produces), as shapes."""
+                 objective: str = "supervised", reference_logps: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays of one batch of `task` under `objective` (what `jaxft.data` produces), as shapes;
+    `reference_logps`: the pairs carry precomputed reference log-probs (`train.dpo.precompute_reference`)."""
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     if objective in PREFERENCE:  # preference pairs (jaxft.data.preference)
+        per_pair = ("weights",) + (REFERENCE_COLUMNS if reference_logps else ())
         return {f"{side}_{k}": tokens for side in ("chosen", "rejected")
                 for k in ("input_ids", "attention_mask", "loss_mask")} | \
-            {"weights": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+            {k: jax.ShapeDtypeStruct((batch,), jnp.float32) for k in per_pair}
     out = {"input_ids": tokens, "attention_mask": tokens, "weights": jax.ShapeDtypeStruct((batch,), jnp.float32)}
     if task == "causal-lm":
         out["loss_mask"] = tokens
@@ -235,7 +238,7 @@ def second_model(cfg: Config, fn: Functional) -> tuple[Functional | None, str]:
         num_labels = teacher.num_labels if m.task == "sequence-classification" else None
         _, family, mcfg = model_config(teacher.folder, m.task, options, num_labels)
         return Functional(abstract_module(family.modules[m.task], mcfg), trainable=lambda path, v: False), "teacher"
-    if objective in ("dpo", "ipo") and cfg.model.lora.rank is None:
+    if objective in ("dpo", "ipo") and cfg.model.lora.rank is None and not cfg.train.dpo.precompute_reference:
         return Functional(fn.module(fn.params, fn.frozen), trainable=lambda path, v: False), "reference"
     return None, ""
 
@@ -284,7 +287,8 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     if T % sp:
         raise ValueError(f"data.max_length={T} must be divisible by mesh.sequence={sp}")
     # one device's share of a micro-batch: its rows and, under a `sequence` axis, its slice of their tokens
-    micro = batch_shapes(cfg.model.task, B // (dp * accum), T // sp, cfg.data.packing, cfg.train.objective)
+    micro = batch_shapes(cfg.model.task, B // (dp * accum), T // sp, cfg.data.packing, cfg.train.objective,
+                         cfg.train.dpo.precompute_reference)
     adapter_count = sum(math.prod(v.shape) for k, v in fn.params.items() if ".lora." in k)
     trained = sharded_bytes(fn.params, shard["params"])
     # bytes of the base (frozen) weights per base parameter: 4 float32, 2 bfloat16, ~1 int8, ~0.5 nf4
@@ -307,8 +311,9 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     method = "analytic"
     if not described and compile:
         fn.frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=frozen_shard[k]) for k, v in fn.frozen.items()}
-        stats = compiled_memory(fn, tx, lr, loss, mesh, shard, batch_shapes(cfg.model.task, B, T, cfg.data.packing,
-                                                                            cfg.train.objective), accum, second)
+        full_batch = batch_shapes(cfg.model.task, B, T, cfg.data.packing, cfg.train.objective,
+                                  cfg.train.dpo.precompute_reference)
+        stats = compiled_memory(fn, tx, lr, loss, mesh, shard, full_batch, accum, second)
         d["xla_arguments"], d["xla_temp"] = int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes)
         d["peak"] = int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
                         + stats.temp_size_in_bytes)
@@ -365,7 +370,7 @@ def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None,
     dp, accum = parallel.data_parallel_size(mesh), cfg.train.grad_accum
     sp = parallel.sequence_parallel_size(mesh)
     micro = batch_shapes(cfg.model.task, cfg.train.batch_size // (dp * accum), cfg.data.max_length // sp,
-                         cfg.data.packing, cfg.train.objective)
+                         cfg.data.packing, cfg.train.objective, cfg.train.dpo.precompute_reference)
     acts = activation_bytes(fn, loss, micro, mesh.shape["tensor"], frozen_model)
     peak = held + grads * (2 if accum > 1 else 1) + acts
     log.info("memory per device (estimate): state %.2f GiB + gradients %.2f GiB + activations %.2f GiB = %.2f GiB "

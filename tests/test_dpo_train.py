@@ -5,6 +5,7 @@ gradient accumulation and with exact resume (full fine-tuning, reference model h
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -197,3 +198,55 @@ def test_dpo_full_fine_tuning_resume_is_exact(tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out)["validation"]
     assert evaluated["pairs"] == len(RULE) * 4 and evaluated["rewards/margins"] > 0
     assert evaluated["rewards/chosen"] != 0 and evaluated["rewards/rejected"] != 0
+
+
+@pytest.mark.slow
+def test_precomputed_reference_equals_the_reference_in_the_step(tmp_path, capsys):
+    """`train.dpo.precompute_reference`: full-FT DPO reads the reference log-probs computed in a first pass
+    (no reference copy beside the state) and logs the same losses and rewards as the run whose step computes
+    them with its reference copy (within 1e-5); they are saved in the run and read, not recomputed, on resume;
+    `jaxft eval` with the setting computes them for its own split from the base."""
+    base = save_base(tmp_path / "base")
+    train, heldout = preference_rows(tmp_path)
+    common = [f"model.name_or_path={base}", "model.dtype=float32", "model.lora.rank=null", f"data.train={train}",
+              f"data.validation={heldout}", "data.max_length=16", "optim.lr=1e-2", "train.batch_size=8",
+              "train.steps=6", "train.log_every=1", "train.eval_every=4"]
+    config = ROOT / "configs" / "dpo_chat_lora.yaml"
+    rows = {}
+    for name, extra in (("online", []), ("pre", ["train.dpo.precompute_reference=true"])):
+        cfg = load_config(config, [*common, *extra, "train.stop_at_step=4", f"output_dir={tmp_path / name}"])
+        with claim_run_dir(cfg):
+            trainer = Trainer(cfg)
+            assert (trainer.frozen_model is None) == (name == "pre")
+            trainer.run()
+        rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    assert [r["split"] for r in rows["pre"]] == [r["split"] for r in rows["online"]]
+    assert rows["online"][-1]["split"] == "eval" and rows["online"][-1]["rewards/margins"] > 0
+    for a, b in zip(rows["online"], rows["pre"]):
+        np.testing.assert_allclose([b[k] for k in keys], [a[k] for k in keys], rtol=1e-5, atol=1e-6)
+    saved = np.load(tmp_path / "pre" / "reference_logps.npz")
+    assert sorted(saved) == sorted(f"{s}/{k}" for s in ("train", "validation") for k in ("fingerprint", "chosen", "rejected"))
+    assert saved["validation/chosen"].shape == (len(RULE) * 4,) and np.all(saved["train/chosen"] < 0)
+
+    # resumed to step 6: the saved log-probs are read, not computed again
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logging.getLogger("jaxft").addHandler(handler)
+    cfg = load_config(config, [*common, "train.dpo.precompute_reference=true", f"output_dir={tmp_path / 'pre'}"])
+    try:
+        with claim_run_dir(cfg):
+            Trainer(cfg).run()
+    finally:
+        logging.getLogger("jaxft").removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert any("train pairs read from" in m for m in messages) and not any("batch 1/" in m for m in messages)
+
+    capsys.readouterr()
+    out = {}
+    for name, extra in (("online", []), ("pre", ["train.dpo.precompute_reference=true"])):
+        assert main(["eval", str(config), *common, *extra, f"checkpoint={tmp_path / 'online'}"]) == 0
+        out[name] = json.loads(capsys.readouterr().out)["validation"]
+    for k in keys:
+        np.testing.assert_allclose(out["pre"][k], out["online"][k], rtol=1e-5, atol=1e-6)

@@ -26,13 +26,17 @@ def llama_run(tmp_path_factory):
 def test_preference_objectives_count_the_reference_only_when_they_hold_one(llama_run):
     plans = {name: plan(load_config(llama_run, overrides)) for name, overrides in {
         "dpo": ["train.objective=dpo"], "ipo": ["train.objective=ipo"], "simpo": ["train.objective=simpo"],
-        "dpo-lora": ["train.objective=dpo", "model.lora.rank=4"]}.items()}
+        "dpo-lora": ["train.objective=dpo", "model.lora.rank=4"],
+        "dpo-precomputed": ["train.objective=dpo", "train.dpo.precompute_reference=true"]}.items()}
     dpo, simpo = plans["dpo"].per_device, plans["simpo"].per_device
     # a frozen copy of the policy: exactly its parameters' bytes, and in the compiled step's arguments
     assert dpo["second_model"] == dpo["params"] == plans["ipo"].per_device["second_model"]
     assert dpo["xla_arguments"] - simpo["xla_arguments"] == dpo["params"]   # same pair batch, no reference
     assert "second_model" not in simpo and "second_model" not in plans["dpo-lora"].per_device
     assert "reference" in plans["dpo"].report() and "train.objective=dpo" in plans["dpo"].report()
+    # precomputed reference log-probs: no reference copy; the step reads two floats per pair more than simpo's
+    pre = plans["dpo-precomputed"].per_device
+    assert "second_model" not in pre and pre["xla_arguments"] - simpo["xla_arguments"] == 2 * 4 * 4
     # the activations are traced on pairs: both sides of each pair go through the policy (and the reference
     # under stop_gradient keeps nothing), so at least the supervised run's residuals
     supervised = plan(load_config(llama_run)).per_device

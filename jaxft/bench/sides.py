@@ -204,8 +204,8 @@ def jax_side(p: dict) -> dict:
         compiled["profile"] = xla_profile(lambda: step(batches[0]), jax.block_until_ready, p["profile_steps"])
     if p["task"] == "causal-lm":   # one fixed shape: XLA's memory analysis of the program that was timed
         ma = train_step.lower(box["state"], batches[0]).compile().memory_analysis()
-        compiled = {"xla_bytes": {"temporaries": ma.temp_size_in_bytes, "arguments": ma.argument_size_in_bytes,
-                                  "outputs": ma.output_size_in_bytes}}
+        compiled["xla_bytes"] = {"temporaries": ma.temp_size_in_bytes, "arguments": ma.argument_size_in_bytes,
+                                 "outputs": ma.output_size_in_bytes}
     return window_report(p, first, windows, lengths) | compiled | {
             "peak_rss_bytes": peak_rss_bytes(),
             "matmul_peak_flops": jax_matmul_peak(dtype), "backend": jax.default_backend(),

@@ -60,6 +60,11 @@ class PreferenceSection(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo, simpo: probability that a pair's "
                                    "preference is flipped (conservative DPO)")
     simpo_gamma: float = Field(0.5, description="simpo: target reward margin γ")
+    precompute_reference: bool = Field(False, description="dpo, ipo: compute the reference model's log-probs "
+                                       "of every pair in one pass before training (and before evaluation) "
+                                       "instead of in every step: full fine-tuning then holds no reference "
+                                       "copy, LoRA skips the adapters-off forward pass (TRL's "
+                                       "precompute_ref_log_probs)")
 
 
 class DistillSection(Section):

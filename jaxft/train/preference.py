@@ -27,20 +27,29 @@ accumulation and evaluation divide once and stay exact; so do the metrics.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxft.config import Config, PreferenceSection
+from jaxft import parallel
+from jaxft.config import Config, ConfigError, PreferenceSection
 from jaxft.data.batches import to_device
 from jaxft.data.preference import SIDES, build_preference_data
 from jaxft.models.lora import adapters_off
 from jaxft.train.run import write_json
 
+log = logging.getLogger("jaxft")
+
 NEEDS_REFERENCE = ("dpo", "ipo")
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")   # precomputed reference log-probs, per pair
+REFERENCE_FILE = "reference_logps.npz"
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 ORPO_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
@@ -110,12 +119,11 @@ def make_preference_loss(kind: str, p: PreferenceSection):
         c, r = logps_2B[0::2], logps_2B[1::2]
         n_c, n_r = tokens_2B[0::2], tokens_2B[1::2]
         c_ref = r_ref = None
-        if kind in NEEDS_REFERENCE:
-            if reference is None:
-                with adapters_off():
-                    ref_2B, _ = sequence_logps(model, ids, attention, mask)
-            else:
-                ref_2B, _ = sequence_logps(reference, ids, attention, mask)
+        if kind in NEEDS_REFERENCE and REFERENCE_COLUMNS[0] in batch:   # train.dpo.precompute_reference
+            c_ref, r_ref = (batch[k] for k in REFERENCE_COLUMNS)
+        elif kind in NEEDS_REFERENCE:
+            with adapters_off() if reference is None else contextlib.nullcontext():
+                ref_2B, _ = sequence_logps(model if reference is None else reference, ids, attention, mask)
             ref_2B = jax.lax.stop_gradient(ref_2B)
             c_ref, r_ref = ref_2B[0::2], ref_2B[1::2]
         return pair_sums(kind, p, batch["weights"], c, r, n_c, n_r, c_ref, r_ref)
@@ -131,6 +139,40 @@ def pair_sums(kind: str, p: PreferenceSection, w, c, r, n_c, n_r, c_ref=None, r_
               "rewards/margins": rc - rr, "logps/chosen": lc, "logps/rejected": lr, **extras}
     sums = {k: jnp.sum(jax.lax.stop_gradient(v) * w) for k, v in values.items()}
     return jnp.sum(loss * w), {"weight": jnp.sum(w), **sums}
+
+
+def reference_pass(fn, batches, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The starting model's summed response log-probs of every pair of `batches` (`PairBatches`, one pass in
+    order), with any LoRA adapters off: `(chosen [N], rejected [N])`, float32, on every process."""
+    def pair_logps(params, frozen, batch):
+        with parallel.activate(fn.mesh), adapters_off():
+            lp, _ = sequence_logps(fn.module(params, frozen), *_both_sides(batch))
+        return lp[0::2], lp[1::2]
+
+    # replicated results: every process reads all pairs' values
+    logps = jax.jit(pair_logps) if fn.mesh is None else jax.jit(pair_logps, out_shardings=parallel.replicated(fn.mesh))
+    n = len(batches.enc)
+    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    total, every = -(-n // batches.batch_size), max(1, -(-n // batches.batch_size) // 10)
+    for i, batch in enumerate(batches.epoch(), 1):
+        rows = batch["example_ids"][batch["example_ids"] >= 0]
+        arrays = to_device(batch, fn.mesh) if fn.mesh is not None else \
+            {k: jnp.asarray(v) for k, v in batch.items() if k != "example_ids"}
+        c, r = logps(fn.params, fn.frozen, arrays)
+        chosen[rows], rejected[rows] = np.asarray(c)[:len(rows)], np.asarray(r)[:len(rows)]
+        if i % every == 0 or i == total:
+            log.info("reference log-probs of the %s pairs: batch %d/%d", split, i, total)
+    return chosen, rejected
+
+
+def pairs_fingerprint(batches) -> str:
+    """A digest of a split's pairs as tokenised (ids, response masks, lengths of both sides)."""
+    h = hashlib.sha256()
+    for enc in (batches.pairs.chosen, batches.pairs.rejected):
+        h.update(np.ascontiguousarray(enc.offsets).tobytes())
+        for k in sorted(enc.fields):
+            h.update(k.encode() + np.ascontiguousarray(enc.fields[k]).tobytes())
+    return h.hexdigest()
 
 
 def reference_copy(fn):
@@ -149,6 +191,11 @@ class PreferenceObjective:
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits):
         self.kind, self.lora = cfg.train.objective, cfg.model.lora.rank is not None
+        self.precompute = cfg.train.dpo.precompute_reference
+        if self.precompute and self.kind not in NEEDS_REFERENCE:
+            raise ConfigError(f"train.dpo.precompute_reference=true needs a reference model (train.objective dpo "
+                              f"or ipo); train.objective={self.kind} has none")
+        self.run_dir, self.training = Path(run_dir), "train" in splits
         self.loss = make_preference_loss(self.kind, cfg.train.dpo)
         self.splits, reports, template = build_preference_data(cfg, tokenizer, splits)
         if "train" in splits:
@@ -158,8 +205,38 @@ class PreferenceObjective:
 
     def frozen_model(self, start):
         """The reference model beside the train state: for full fine-tuning with dpo/ipo a frozen copy of the
-        starting point (`start()`, a `Functional`); None with LoRA (adapters off) and for simpo/orpo."""
-        return reference_copy(start()) if self.kind in NEEDS_REFERENCE and not self.lora else None
+        starting point (`start()`, a `Functional`); None with LoRA (adapters off) and for simpo/orpo. With
+        `precompute_reference`, None: the starting point's log-probs are attached to every split's pairs."""
+        if self.kind not in NEEDS_REFERENCE:
+            return None
+        if self.precompute:
+            self.attach_reference(start)
+            return None
+        return None if self.lora else reference_copy(start())
+
+    def attach_reference(self, start) -> None:
+        """Give every split's pairs their reference log-probs: read from `RUN_DIR/reference_logps.npz` where
+        its fingerprint matches the split's tokens, else computed by `reference_pass` (and, in a training run,
+        saved there by process 0)."""
+        path = self.run_dir / REFERENCE_FILE
+        saved = dict(np.load(path)) if path.exists() else {}
+        fn, computed = None, False
+        for split, batches in self.splits.items():
+            digest = pairs_fingerprint(batches)
+            if str(saved.get(f"{split}/fingerprint", "")) == digest:
+                log.info("reference log-probs of the %s pairs read from %s", split, path)
+                values = saved[f"{split}/chosen"], saved[f"{split}/rejected"]
+            else:
+                fn = fn or start()
+                values = reference_pass(fn, batches, split)
+                saved.update({f"{split}/fingerprint": np.array(digest), f"{split}/chosen": values[0],
+                              f"{split}/rejected": values[1]})
+                computed = True
+            batches.per_example = dict(batches.per_example, **dict(zip(REFERENCE_COLUMNS, values)))
+        if computed and self.training and jax.process_index() == 0:
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **saved)
+            tmp.replace(path)
 
     def train_metrics(self, s: dict, n_steps: int) -> dict:
         pairs = max(float(s["weight"]), 1.0)
