@@ -64,7 +64,7 @@ def test_report_states_each_target_met_or_missed_by_how_much(tmp_path):
     assert "target peak memory ≤ PyTorch's: 0.75× — missed by 25%" in text
     assert "| jaxft | 100.0 ms | 200.0 ms | 2.00× |" in text
     assert "| PyTorch (transformers) | 400.0 ms | 1600.0 ms | 4.00× |" in text
-    assert "versions: Python" in text and "command: `'jaxft bench' llama-135m moe`" in text
+    assert "versions: Python" in text and "command: `jaxft bench llama-135m moe`" in text
     assert "LoRA vs full" not in text      # only when both LM workloads ran
 
 

@@ -120,7 +120,7 @@ def write_report(results: dict, out: Path, reduced: bool, argv: list[str]) -> No
              "(speed: PyTorch's time / jaxft's; memory: PyTorch's peak / jaxft's).", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- machine: {_machine()}", f"- versions: {_versions()}",
-             f"- command: `{shlex.join(['jaxft bench', *argv[1:]])}`"]
+             f"- command: `{shlex.join(['jaxft', 'bench', *argv[1 + (argv[1:2] == ['bench']):]])}`"]
     if reduced:
         lines.append("- **reduced sizes** (a check of the harness, not a measurement)")
     for name, result in results.items():
