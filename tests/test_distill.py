@@ -186,7 +186,8 @@ def test_make_student_keeps_the_first_layers(tmp_path, minilm_dir):
 def test_distillation_composes_with_grad_accumulation_and_exact_resume(models, tmp_path):
     """The distillation loss returns sums like every jaxft loss, so 2 micro-batches of 4 log the same loss, KL,
     task loss and grad norm as one batch of 8 (within 1e-5); a run stopped at step 2 and resumed to 4 (the
-    teacher loaded again, the data position restored) ends with the same student parameters bit for bit."""
+    teacher loaded again, the data position restored) ends with the same student parameters bit for bit; the
+    student exports as a plain transformers classifier."""
     tmp, student, teacher = models
     common = ("train.batch_size=8", "train.steps=4", "train.log_every=1", "optim.lr=2e-3", "optim.warmup_ratio=0",
               "train.distill.alpha=0.6")
@@ -203,6 +204,23 @@ def test_distillation_composes_with_grad_accumulation_and_exact_resume(models, t
     assert len(rows) == 4 and len(accum_rows) == 4
     for a, b in zip(rows, accum_rows):
         np.testing.assert_allclose([b[k] for k in keys], [a[k] for k in keys], rtol=1e-5)
+
+    # the student exports as a plain transformers classifier (no teacher in it): logits equal jaxft's
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from jaxft.cli import main
+    from jaxft.train.run import restore_run
+
+    assert main(["export", str(tmp_path / "straight"), str(tmp_path / "export")]) == 0
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    ids = np.random.RandomState(0).randint(1000, 20000, (3, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long()).logits.numpy()
+    got = np.asarray(restore_run(tmp_path / "straight").model(ids, attention_mask=mask, token_type_ids=0 * ids))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert sum(q.numel() for q in hf.parameters()) == sum(v.size for v in straight.fn.params.values())
 
     run(tmp_path / "resumed", "train.stop_at_step=2")
     resumed, resumed_rows = run(tmp_path / "resumed")
