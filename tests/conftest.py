@@ -101,7 +101,7 @@ def pytest_collection_modifyitems(items):
 
 
 # the longest files, in minutes on one worker of the 2-core CI machine (pytest --durations, summed per file)
-LONG_FILES_MINUTES = {"test_sst2_lora_recipe.py": 14, "test_sst2_recipe.py": 9, "test_lora_train.py": 4.6,
+LONG_FILES_MINUTES = {"test_sst2_recipe.py": 9, "test_sst2_lora_recipe.py": 3.3, "test_lora_train.py": 4.6,
                       "test_lora.py": 3.8, "test_reliability.py": 3.8, "test_multihost.py": 3.6,
                       "test_lora_scanned.py": 3.5, "test_train_cli.py": 3.4, "test_mesh.py": 3.2,
                       "test_blockwise.py": 3.1, "test_notebook.py": 2.9}
