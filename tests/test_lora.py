@@ -126,8 +126,9 @@ def test_adapter_backward_equals_autodiff(einsum, kernel):
         return jnp.sum(_adapter(layer.dims, layer.scale, x, a, b) * w)
 
     def plain(x, a, b):
-        h = jnp.einsum(layer.down, x, a)
-        return jnp.sum(jnp.einsum(layer.up, h, b) * layer.scale * w)
+        lhs_, batch, ins_, outs_, out = layer.dims
+        h = jnp.einsum(f"{lhs_},{ins_}r->{batch}r", x, a)
+        return jnp.sum(jnp.einsum(f"{batch}r,r{outs_}->{out}", h, b) * layer.scale * w)
 
     np.testing.assert_allclose(ours(x, a, b), plain(x, a, b), rtol=1e-5)
     for g_ours, g_plain in zip(jax.grad(ours, (0, 1, 2))(x, a, b), jax.grad(plain, (0, 1, 2))(x, a, b)):

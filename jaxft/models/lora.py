@@ -107,9 +107,7 @@ class LoRA(nnx.Module):
         self.b = LoRAParam(jnp.zeros(lead + (rank,) + tuple(shape[c] for c in outs), param_dtype),
                            logical_axes=lead_axes + ("lora_rank",) + tuple(axes[c] for c in outs))
         batch = "".join(c for c in lhs if c not in rhs)
-        self.down = f"{lhs},{ins}r->{batch}r"
-        self.dims = (lhs, batch, ins, outs, out)
-        self.up = f"{batch}r,r{outs}->{out}"
+        self.dims = (lhs, batch, ins, outs, out)   # the einsum's parts, for `_adapter`
         self.delta_einsum = f"{ins}r,r{outs}->{rhs}"
         self.scale = alpha / (math.sqrt(rank) if rslora else rank)
         self.rate, self.id, self.dtype = float(dropout), int(adapter_id), dtype
