@@ -5,9 +5,9 @@ Families never build a dense `[B, 1, T, S]` mask. They describe which keys each 
 sliding window, a few `[B, T]`-sized arrays at most — and call `attention(q, k, v, mask)`, which
 chooses one of three implementations of the same function (`model.attention`):
 
-* `plain`: `jax.nn.dot_product_attention` with the mask made dense (`Mask.dense`). Scores `[B, N, T, S]`
-  are materialised, in the forward and in the backward: O(T·S) memory, but on CPU the fastest for short
-  sequences. With attention dropout the probabilities are written out (they must be materialised).
+* `plain`: two einsums around a float32 softmax with the mask made dense (`Mask.dense`); grouped query
+  heads share their kv head without copies. Scores `[B, K, G, T, S]` are materialised, in the forward
+  and in the backward: O(T·S) memory, but on CPU the fastest for short sequences.
 * `blockwise`: flash-style attention in pure JAX (`blockwise_attention`): queries in blocks of
   `model.attention_block`, and for each an online softmax over key blocks with float32 accumulators;
   the mask of each (query block, key block) pair is computed from the description on the fly. Each
@@ -143,31 +143,35 @@ def attention(q: Array, k: Array, v: Array, mask: Mask, *, scale: float | None =
     impl = choose(mask, T, S, q.dtype, drop)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, mask, scale, dropout_rate if drop else 0.0, dropout_key)
+    if impl == "plain":
+        return _plain(q, k, v, mask.dense(T, S), scale, dropout_rate if drop else 0.0, dropout_key)
     width = v.shape[-1]
-    if width != q.shape[-1]:  # the library kernels want one head width: pad the values, cut the output
+    if width != q.shape[-1]:  # cuDNN wants one head width: pad the values, cut the output
         v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - width)])
-    if impl == "cudnn":
-        lengths = None if mask.kv_valid is None else mask.kv_valid.astype(jnp.int32).sum(-1)
-        window = None if mask.window is None else (int(mask.window) - 1, 0)
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=mask.causal,
-                                           key_value_seq_lengths=lengths, local_window_size=window,
-                                           implementation="cudnn")
-    elif not drop:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(T, S), scale=scale)
-    else:
-        out = _plain_with_dropout(q, k, v, mask.dense(T, S), scale, dropout_rate, dropout_key)
+    lengths = None if mask.kv_valid is None else mask.kv_valid.astype(jnp.int32).sum(-1)
+    window = None if mask.window is None else (int(mask.window) - 1, 0)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=mask.causal,
+                                       key_value_seq_lengths=lengths, local_window_size=window,
+                                       implementation="cudnn")
     return out[..., :width]
 
 
-def _plain_with_dropout(q, k, v, dense, scale, rate, key):
-    """The same math as `jax.nn.dot_product_attention`, written out to drop probabilities."""
-    n, kv = q.shape[2], k.shape[2]
-    if kv != n:
-        k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * scale
-    logits = jnp.where(dense, logits, MASKED)
-    probs = dropout(jax.nn.softmax(logits, axis=-1), rate, key).astype(v.dtype)
-    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+def _plain(q, k, v, dense, scale, rate, key):
+    """Scores `[B, K, G, T, S]` for the `G = N / K` query heads of each kv head, softmax in float32 (masked
+    scores set to `MASKED`), dropout on the probabilities. Written out rather than through
+    `jax.nn.dot_product_attention`, whose grouped-query path repeats K/V per group and laid the scores out
+    with transposed copies in both passes on CPU."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    if dense is not None:
+        logits = jnp.where(dense[:, :, None], logits, MASKED)       # dense: [B|1, 1, T|1, S]
+    probs = jax.nn.softmax(logits, axis=-1)
+    if key is not None and rate > 0.0:   # the mask is drawn per query head [B, N, T, S], head n = k·G + g
+        probs = dropout(probs.reshape(B, N, T, -1), rate, key).reshape(probs.shape)
+    out = jnp.einsum("BKGTS,BSKV->BTKGV", probs.astype(v.dtype), v)
+    return out.reshape(B, T, N, v.shape[-1])
 
 
 def _blocks(x: Array | None, n: int, b: int) -> Array | None:
