@@ -113,7 +113,7 @@ def test_adapter_backward_equals_autodiff(einsum, kernel):
 
     from jaxft.models.lora import LoRA, _adapter, split_einsum
 
-    lhs, _, _, ins, outs = split_einsum(einsum)
+    lhs, _, _, _, ins, outs = split_einsum(einsum)
     layer = LoRA(einsum, kernel, (None,) * len(kernel), rank=3, alpha=5.0, key=jax.random.key(0))
     size = dict(zip(layer.dims[2] + layer.dims[3], kernel[:len(ins)] + kernel[len(ins):]), B=2, T=5)
     ks = jax.random.split(jax.random.key(1), 4)

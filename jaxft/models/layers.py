@@ -234,8 +234,7 @@ def _linear_bwd(einsum, res, g):
     `[tokens, vocab]` logit cotangent), fusing the element-wise backward that produced it (SiLU's, for
     one) into the transpose, and then computed that chain again untransposed for `dx`."""
     x, w = res
-    lhs, rhs, out, ins, outs = split_einsum(einsum)
-    batch = "".join(c for c in lhs if c not in rhs)
+    lhs, rhs, out, batch, ins, outs = split_einsum(einsum)
     dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, w)
     if x.size <= g.size:
         x_t = jax.lax.optimization_barrier(jnp.einsum(f"{lhs}->{ins}{batch}", x))

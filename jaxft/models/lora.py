@@ -81,11 +81,12 @@ def layer_scope(index):
         _LAYER.reset(token)
 
 
-def split_einsum(einsum: str) -> tuple[str, str, str, str, str]:
-    """`'BTD,DNH->BTNH'` → `(lhs 'BTD', kernel 'DNH', out 'BTNH', in dims 'D', out dims 'NH')`."""
+def split_einsum(einsum: str) -> tuple[str, str, str, str, str, str]:
+    """`'BTD,DNH->BTNH'` → `(lhs 'BTD', kernel 'DNH', out 'BTNH', batch dims 'BT', in dims 'D', out dims 'NH')`."""
     inputs, out = einsum.split("->")
     lhs, rhs = inputs.split(",")
-    return lhs, rhs, out, "".join(c for c in rhs if c in lhs), "".join(c for c in rhs if c not in lhs)
+    return (lhs, rhs, out, "".join(c for c in lhs if c not in rhs), "".join(c for c in rhs if c in lhs),
+            "".join(c for c in rhs if c not in lhs))
 
 
 class LoRA(nnx.Module):
@@ -96,7 +97,7 @@ class LoRA(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32, key: Array):
         """`einsum`, `kernel_shape`, `kernel_axes`: one layer's kernel; `lead`/`lead_axes`: the leading axes of
         a stack of them (a scanned stack's `layers`, the routed experts' `expert`), one adapter per slice."""
-        lhs, rhs, out, ins, outs = split_einsum(einsum)
+        lhs, rhs, out, batch, ins, outs = split_einsum(einsum)
         shape = dict(zip(rhs, kernel_shape))
         axes = dict(zip(rhs, kernel_axes))
         fan_in = math.prod(shape[c] for c in ins)
@@ -106,7 +107,6 @@ class LoRA(nnx.Module):
         self.a = LoRAParam(a.astype(param_dtype), logical_axes=lead_axes + tuple(axes[c] for c in ins) + ("lora_rank",))
         self.b = LoRAParam(jnp.zeros(lead + (rank,) + tuple(shape[c] for c in outs), param_dtype),
                            logical_axes=lead_axes + ("lora_rank",) + tuple(axes[c] for c in outs))
-        batch = "".join(c for c in lhs if c not in rhs)
         self.dims = (lhs, batch, ins, outs, out)   # the einsum's parts, for `_adapter`
         self.delta_einsum = f"{ins}r,r{outs}->{rhs}"
         self.scale = alpha / (math.sqrt(rank) if rslora else rank)
