@@ -238,10 +238,12 @@ def _linear_bwd(einsum, res, g):
     dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, w)
     if x.size <= g.size:
         x_t = jax.lax.optimization_barrier(jnp.einsum(f"{lhs}->{ins}{batch}", x))
-        dw = jnp.einsum(f"{ins}{batch},{out}->{rhs}", x_t, g)
+        dw, dw_dims = jnp.einsum(f"{ins}{batch},{out}->{ins}{outs}", x_t, g), ins + outs
     else:
         g_t = jax.lax.optimization_barrier(jnp.einsum(f"{out}->{outs}{batch}", g))
-        dw = jnp.einsum(f"{outs}{batch},{lhs}->{rhs}", g_t, x)
+        dw, dw_dims = jnp.einsum(f"{outs}{batch},{lhs}->{outs}{ins}", g_t, x), outs + ins
+    if dw_dims != rhs:
+        dw = jnp.einsum(f"{dw_dims}->{rhs}", jax.lax.optimization_barrier(dw))
     return dx, dw
 
 
