@@ -11,6 +11,11 @@ Where: `$JAXFT_XLA_CACHE` if set, else `xla/` under jaxft's cache directory (`$J
 switches it off. Every program is stored, however quick to compile, so that a second run compiles
 nothing at all.
 
+`jit_options()` is what jaxft's train and eval steps are compiled with: on CPU, LLVM's optimisation
+level 1 instead of XLA's default 2 (the MiniLM train step compiles in 10–11 s instead of 16–18 s, its
+steps as fast: 1.01–1.09 s vs 1.11 s at batch 32 × 32, alternating runs; level 0 halves step speed),
+unless `XLA_FLAGS` sets `--xla_backend_optimization_level` itself.
+
 `CompileCounter` listens to JAX's monitoring events and counts real backend compilations, cache hits
 and compile seconds, so the training loop can report throughput without compilation and say how many
 programs an epoch compiled.
@@ -42,6 +47,13 @@ def cache_path() -> Path | None:
     if configured:
         return Path(configured)
     return Path(os.environ.get("JAXFT_CACHE") or Path.home() / ".cache" / "jaxft") / "xla"
+
+
+def jit_options() -> dict:
+    """Keyword arguments for `jax.jit` of the train and eval steps (see the module docstring)."""
+    if jax.default_backend() == "cpu" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        return {"compiler_options": {"xla_backend_optimization_level": 1}}
+    return {}
 
 
 def enable_persistent_cache() -> Path | None:

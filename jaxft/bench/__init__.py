@@ -6,7 +6,10 @@
 
 Workloads (`WORKLOADS`):
 - `sst2-steps`: the SST-2 recipe's training steps on its real rows (all-MiniLM-L6-v2, batch 32, up to 64
-  tokens, dynamic padding), steady state after a warm-up that compiles every padded length.
+  tokens), steady state after a warm-up that compiles every padded length. Each side batches as it
+  would: jaxft as the recipe (`configs/sst2_minilm.yaml`: length-grouped, padded to a multiple of 16),
+  the plain PyTorch loop in random batches padded to their longest row.
+- `sst2-same-batches`: the same, with PyTorch given jaxft's batches: the engines alone.
 - `sst2-e2e`: the SST-2 recipe end to end, process start to test accuracy: `jaxft train
   configs/sst2_minilm.yaml` with an empty compilation cache (cold), again with it filled (warm), and
   `scripts/torch_baseline.py`.
@@ -57,6 +60,9 @@ WORKLOADS = {w.name: w for w in (
     Workload("sst2-steps", "SST-2 recipe, steady-state training steps (real lengths, dynamic padding)", SST2,
              dict(rows=256, warmup=4, steps=2, repeats=2),
              targets=(("speed", 1.1, "step ≥ 1.1× PyTorch"),)),
+    Workload("sst2-same-batches", "the same steps with PyTorch on jaxft's batches (length-grouped, padded "
+             "alike): the engines alone", dict(SST2, torch_same_batches=True),
+             dict(rows=256, warmup=4, steps=2, repeats=2)),
     Workload("sst2-e2e", "SST-2 recipe end to end (process start → test accuracy)", dict(task="e2e", rows=4000),
              dict(rows=64), sides=("jaxft-cold", "jaxft-warm", "torch"),
              targets=(("speed-cold", 1.0, "cold ≥ 1.0× PyTorch"), ("speed-warm", 1.3, "warm cache ≥ 1.3× PyTorch"))),
@@ -134,8 +140,11 @@ def run(names: list[str], reduced: bool = False, repeats: int | None = None, out
 
                     p["vocab"] = AutoConfig.from_pretrained(p["folder"]).vocab_size
                 elif p["task"] == "sequence-classification":
+                    from jaxft.config import load_config
                     from jaxft.hf.load import resolve
 
+                    recipe = load_config(ROOT / "configs" / "sst2_minilm.yaml").data   # its batching
+                    p.update(group=recipe.group_by_length, multiple=recipe.pad_to_multiple_of)
                     p["folder"], p["data_dir"] = str(resolve(p.pop("model"))), str(data_dir())
                 sides = {side: run_side(name, side, p) for side in w.sides}
             results[name] = {"params": {k: v for k, v in p.items() if k not in ("folder", "data_dir")},

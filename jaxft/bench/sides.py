@@ -59,12 +59,17 @@ def forward_flops(cfg, lengths) -> float:
                  + 4 * cfg.num_hidden_layers * heads * dh * (lengths ** 2).sum())
 
 
-def sst2_batches(folder: str, data_dir: str, rows: int, batch: int, max_length: int, seed: int = 0) -> list:
+def sst2_batches(folder: str, data_dir: str, rows: int, batch: int, max_length: int, group: int = 0,
+                 seed: int = 0) -> list:
     """The SST-2 recipe's training rows as the batches of one shuffled epoch: `[(ids rows, labels)]`, unpadded
-    (each side pads its own way: jaxft to a multiple of 16 like its data pipeline, PyTorch to the longest row)."""
+    (each side pads its own way: jaxft to the recipe's `data.pad_to_multiple_of`, PyTorch to the longest row).
+    `group`: the recipe's `data.group_by_length` (windows of that many batches sorted by length; 0: off),
+    applied exactly as jaxft's data pipeline does it."""
     import csv
 
     from transformers import AutoTokenizer
+
+    from jaxft.data.batches import group_by_length
 
     with open(f"{data_dir}/sst2/train.tsv", encoding="utf-8") as f:
         table = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:rows]
@@ -72,6 +77,8 @@ def sst2_batches(folder: str, data_dir: str, rows: int, batch: int, max_length: 
     ids = tok([r["sentence"] for r in table], truncation=True, max_length=max_length)["input_ids"]
     labels = np.array([int(r["label"]) for r in table], np.int32)
     order = np.random.default_rng(seed).permutation(len(ids))
+    if group:
+        order = group_by_length(order, np.array([len(r) for r in ids]), batch, group, np.random.default_rng(seed + 1))
     return [([ids[i] for i in order[s:s + batch]], labels[order[s:s + batch]])
             for s in range(0, len(ids) - batch + 1, batch)]
 
@@ -101,12 +108,20 @@ def lm_folder(root: str, shape: str) -> str:
     return str(folder)
 
 
-def timed_windows(step, batches: list, warmup: int, steps: int, repeats: int, sync) -> tuple[float, list]:
-    """Run `step` over `batches` (cycling): one first step, `warmup` more, then `repeats` timed windows of
-    `steps` steps. → `(first step seconds, [(seconds per step, [batch index of each step]) per window])`."""
+def timed_windows(step, batches: list, warmup: int, steps: int, repeats: int, sync, shape=None) -> tuple[float, list]:
+    """Run `step` over `batches` (cycling): one first step, one untimed step per other batch shape
+    (`shape(batch)`; every compilation happens before the windows), `warmup` more, then `repeats` timed
+    windows of `steps` steps. → `(first step seconds, [(seconds per step, [batch index of each step]) per
+    window])`."""
     t = time.perf_counter()
     sync(step(batches[0]))
     first = time.perf_counter() - t
+    if shape is not None:
+        seen = {shape(batches[0])}
+        for b in batches:
+            if shape(b) not in seen:
+                seen.add(shape(b))
+                sync(step(b))
     i = 1
     for _ in range(warmup):
         sync(step(batches[i % len(batches)]))
@@ -196,7 +211,8 @@ def jax_side(p: dict) -> dict:
         return m["loss"]
 
     lengths = [np.asarray(b["attention_mask"]).sum(1) for b in batches]
-    first, windows = timed_windows(step, batches, p["warmup"], p["steps"], p["repeats"], jax.block_until_ready)
+    first, windows = timed_windows(step, batches, p["warmup"], p["steps"], p["repeats"], jax.block_until_ready,
+                                   shape=lambda b: b["input_ids"].shape)
     compiled = {}
     if p.get("profile_steps"):
         from jaxft.bench.profile import xla_profile
@@ -216,8 +232,8 @@ def jax_side(p: dict) -> dict:
 def jax_batches(p: dict) -> list[dict]:
     if p["task"] == "sequence-classification":
         out = []
-        for rows, labels in sst2_batches(p["folder"], p["data_dir"], p["rows"], p["batch"], p["length"]):
-            ids, mask = pad(rows, 16)
+        for rows, labels in sst2_batches(p["folder"], p["data_dir"], p["rows"], p["batch"], p["length"], p["group"]):
+            ids, mask = pad(rows, p["multiple"])
             out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
                         "labels": labels, "weights": np.ones(len(rows), np.float32)})
         return out
@@ -253,8 +269,9 @@ def torch_side(p: dict) -> dict:
     if p["task"] == "sequence-classification":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(p["folder"], num_labels=2)
         batches = []
-        for rows, labels in sst2_batches(p["folder"], p["data_dir"], p["rows"], p["batch"], p["length"]):
-            ids, mask = pad(rows, 1)
+        group = p["group"] if p.get("torch_same_batches") else 0   # the plain loop: random batches
+        for rows, labels in sst2_batches(p["folder"], p["data_dir"], p["rows"], p["batch"], p["length"], group):
+            ids, mask = pad(rows, p["multiple"] if p.get("torch_same_batches") else 1)
             batches.append({"input_ids": torch.tensor(ids).long(), "attention_mask": torch.tensor(mask).long(),
                             "labels": torch.tensor(labels).long()})
     else:

@@ -66,6 +66,8 @@ class DataSection(Section):
     max_length: int = Field(128, ge=2)
     padding: Literal["longest", "max_length"] = "longest"
     pad_to_multiple_of: int = Field(16, ge=1, description="round `longest` padding up to limit recompiles")
+    group_by_length: int = Field(0, ge=0, description="sort each window of N shuffled train batches by length "
+                                 "before batching, then shuffle the batches (less padding); 0: off")
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="carve validation from train")
     max_train_rows: int | None = Field(None, ge=1, description="use only the first N rows of train")
     clean: CleanSection = CleanSection()

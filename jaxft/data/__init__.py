@@ -115,7 +115,8 @@ def build_classification_data(cfg: Config, tokenizer, label_map: LabelMap | None
         out.splits[split] = Batches(
             enc, fields, cfg.train.batch_size if is_train else eval_bs, pad_id=tokenizer.pad_token_id or 0,
             max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
-            shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train)
+            shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train,
+            group_by_length=d.group_by_length)
         if is_train and d.augment.copies:  # EDA copies, made per batch and seeded (jaxft/data/augment.py)
             out.splits[split], out.augment = augment_batches(out.splits[split], r.text, r.pair, d.augment, tokenizer)
     return out
@@ -182,5 +183,6 @@ def build_sft_data(cfg: Config, tokenizer, splits: tuple[str, ...] = SPLITS,
         is_train = split == "train"
         splits[split] = Batches(enc, None, cfg.train.batch_size if is_train else eval_bs, pad_id=pad_id,
                                 max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
-                                shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train)
+                                shuffle=is_train, seed=cfg.train.seed, drop_remainder=is_train,
+                                group_by_length=d.group_by_length)
     return splits, reports, template

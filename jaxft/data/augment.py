@@ -334,15 +334,14 @@ class AugmentedBatches(Batches):
         vars(self).update(vars(base))  # the base's examples, labels, batch size, padding and seed
         self.texts, self.pairs, self.copies = texts, pairs, copies
         self.augmenter, self.tokenizer = augmenter, tokenizer
-        self.rows = len(self.enc) * (1 + copies)
 
-    def __len__(self) -> int:
-        return self.rows // self.batch_size if self.drop_remainder else -(-self.rows // self.batch_size)
+    @property
+    def rows(self) -> int:
+        return len(self.enc) * (1 + self.copies)
 
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.rows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+    def row_lengths(self) -> np.ndarray:
+        """Copies are grouped by their original's length (theirs is known only once they are made)."""
+        return np.tile(self.enc.lengths(), 1 + self.copies)
 
     def next(self) -> dict[str, np.ndarray]:
         per_epoch = len(self) * self.batch_size if self.drop_remainder else self.rows

@@ -136,6 +136,9 @@ class PairBatches(Batches):
         super().__init__(pairs.chosen, None, batch_size, **kw)
         self.pairs = pairs
 
+    def row_lengths(self) -> np.ndarray:
+        return np.maximum(self.pairs.chosen.lengths(), self.pairs.rejected.lengths())
+
     def collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         W = self.width(np.maximum(self.pairs.chosen.lengths()[idx], self.pairs.rejected.lengths()[idx]))
         batch = {}
@@ -154,6 +157,7 @@ def build_preference_data(cfg: Config, tokenizer, splits) -> tuple[dict[str, Pai
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     out = {split: PairBatches(pairs, cfg.train.batch_size if split == "train" else eval_bs, pad_id=pad_id,
                               max_length=d.max_length, padding=d.padding, pad_to_multiple_of=d.pad_to_multiple_of,
-                              shuffle=split == "train", seed=cfg.train.seed, drop_remainder=split == "train")
+                              shuffle=split == "train", seed=cfg.train.seed, drop_remainder=split == "train",
+                              group_by_length=d.group_by_length)
            for split, pairs in encoded.items()}
     return out, reports, template

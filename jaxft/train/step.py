@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxft import parallel
+from jaxft.compilation import jit_options
 from jaxft.models.lora import adapter_dropout
 
 
@@ -180,9 +181,9 @@ def make_train_step(fn: Functional, loss_fn: Callable, tx: optax.GradientTransfo
     shardings = state_shardings(fn, tx)
     # The train state is donated (updated in place); the frozen parameters are read, never donated.
     if shardings is None:
-        jitted = jax.jit(train_step, donate_argnums=0)
+        jitted = jax.jit(train_step, donate_argnums=0, **jit_options())
     else:
-        jitted = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, None))
+        jitted = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, None), **jit_options())
     return _with_frozen(jitted, fn, frozen_model)
 
 
@@ -193,7 +194,7 @@ def make_eval_step(fn: Functional, loss_fn: Callable, frozen_model: Functional |
         with parallel.activate(fn.mesh):
             return loss_fn(fn.module(params, frozen), batch, None, *_second(frozen_model, held))
 
-    return _with_frozen(jax.jit(eval_step), fn, frozen_model)
+    return _with_frozen(jax.jit(eval_step, **jit_options()), fn, frozen_model)
 
 
 def _with_frozen(jitted: Callable, fn: Functional, frozen_model: Functional | None = None) -> Callable:
