@@ -125,3 +125,9 @@ def test_profile_kinds_and_report_table(tmp_path):
     text = out.read_text()
     assert "| layout copy | 1.250 | 1.000 |" in text and "| not in an op | 1.000 | 0.000 |" in text
     assert "Largest jaxft ops: `ynn_fusion` 1.500 s" in text and "Largest PyTorch ops: `aten::addmm` 4.000 s" in text
+
+
+def test_a_near_miss_is_not_reported_as_zero_percent():
+    from jaxft.bench.report import _percent
+
+    assert (_percent(1 - 1.297 / 1.3), _percent(0.17), _percent(0.0)) == ("0.2%", "17%", "0.0%")

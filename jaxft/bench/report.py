@@ -23,6 +23,11 @@ def _spread(xs) -> str:
     return f"{min(xs):.3g}–{max(xs):.3g}" if len(xs) > 1 else ""
 
 
+def _percent(x: float) -> str:
+    """A shortfall as a percentage, with a decimal when it is under 1% (a near miss must not read '0%')."""
+    return f"{100 * x:.1f}%" if x < 0.01 else f"{100 * x:.0f}%"
+
+
 def headline(name: str, result: dict) -> dict:
     """The numbers each workload is judged by, with the jaxft/PyTorch ratios."""
     sides = result["sides"]
@@ -131,7 +136,7 @@ def write_report(results: dict, out: Path, reduced: bool, argv: list[str]) -> No
         lines.append(f"Parameters: {params}.")
         for metric, goal, meaning in w.targets:
             got = h["ratios"][metric]
-            verdict = "met" if got >= goal else f"missed by {100 * (1 - got / goal):.0f}%"
+            verdict = "met" if got >= goal else f"missed by {_percent(1 - got / goal)}"
             lines.append(f"- target {meaning}: {got:.2f}× — {verdict}")
     lines += _lora_vs_full(results)
     Path(out).write_text("\n".join(lines) + "\n")
@@ -170,6 +175,6 @@ def _lora_vs_full(results: dict) -> list[str]:
                          f"| {lb[kind] / b:.2f} |")
     lines.append(f"| peak memory (RSS) | {full['peak_rss_bytes'] / GiB:.2f} GiB | {lora['peak_rss_bytes'] / GiB:.2f} GiB "
                  f"| {lora['peak_rss_bytes'] / full['peak_rss_bytes']:.2f} |")
-    verdict = "met" if ratio <= 0.75 else f"missed by {100 * (ratio / 0.75 - 1):.0f}%"
+    verdict = "met" if ratio <= 0.75 else f"missed by {_percent(ratio / 0.75 - 1)}"
     lines += ["", f"- target LoRA step ≤ 0.75× the full step: {ratio:.2f}× — {verdict}"]
     return lines
