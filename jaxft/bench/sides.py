@@ -64,7 +64,7 @@ def sst2_batches(folder: str, data_dir: str, rows: int, batch: int, max_length: 
     """The SST-2 recipe's training rows as the batches of one shuffled epoch: `[(ids rows, labels)]`, unpadded
     (each side pads its own way: jaxft to the recipe's `data.pad_to_multiple_of`, PyTorch to the longest row).
     `group`: the recipe's `data.group_by_length` (windows of that many batches sorted by length; 0: off),
-    applied exactly as jaxft's data pipeline does it."""
+    applied with the data pipeline's own `group_by_length` (its shuffle seeded here, not per epoch)."""
     import csv
 
     from transformers import AutoTokenizer
