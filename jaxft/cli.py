@@ -232,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> None:
+    """The `jaxft` console command: restart with huge-page `malloc` where it applies (`jaxft.hostmem`), then
+    `main`."""
+    from jaxft.hostmem import restart_with_huge_pages
+
+    restart_with_huge_pages()
+    sys.exit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     from jaxft.train.faults import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Diverged, Preempted
 
@@ -266,4 +275,4 @@ def user_message(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

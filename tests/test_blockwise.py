@@ -190,7 +190,7 @@ def test_unchunked_loss_holds_full_logits(tmp_path):
 def test_plan_counts_linear_activations(tmp_path):
     """`jaxft plan`'s activation estimate (the backward's residuals, traced) follows the implementation:
     with the defaults it doubles with T (no T² scores, no [T, vocab] logits); forced plain and unchunked it
-    grows faster."""
+    grows faster (plain attention keeps no scores for the backward, only its boolean [T, S] mask)."""
     from jaxft.config import load_config
     from jaxft.plan import plan
 
@@ -205,7 +205,7 @@ def test_plan_counts_linear_activations(tmp_path):
     plain = activations(8192, "model.attention=plain", "train.loss_chunk_tokens=0") / activations(
         4096, "model.attention=plain", "train.loss_chunk_tokens=0")
     print(f"activations 8k/4k: default {ratio:.2f}, plain {plain:.2f}")
-    assert ratio <= 2.2 < plain
+    assert ratio <= 2.2 and plain > ratio + 0.05, (ratio, plain)
 
 
 def test_blockwise_attention_dropout_is_unbiased():

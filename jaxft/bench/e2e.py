@@ -1,6 +1,6 @@
 """One end-to-end SST-2 run in this process, for `jaxft bench sst2-e2e`; its last stdout line is JSON.
 
-    python -m jaxft.bench.e2e jaxft CONFIG [key=value ...]     # what `jaxft train CONFIG ...` does
+    python -m jaxft.bench.e2e jaxft CONFIG [key=value ...]     # what `jaxft train CONFIG ...` does (and starts as it does)
     python -m jaxft.bench.e2e torch [--rows N] [--data-dir D]   # scripts/torch_baseline.py's loop
 
 The caller times the process from spawn to exit; this reports the test accuracy and the process's peak
@@ -26,6 +26,9 @@ def peak_rss_bytes() -> int:
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "jaxft":
+        from jaxft.hostmem import restart_with_huge_pages
+
+        restart_with_huge_pages()   # as the `jaxft` command starts
         from jaxft.config import load_config
         from jaxft.train.loop import train
 

@@ -1,6 +1,7 @@
 """One side of one benchmark, in this process: `python -m jaxft.bench.sides WORKLOAD SIDE 'JSON params'`.
 
-Prints one JSON line: the timed windows (seconds per step), the first step (compilation included), the
+The jaxft side starts as the `jaxft` command does (`jaxft.hostmem`: huge-page malloc); the PyTorch side
+as a plain script. Prints one JSON line: the timed windows (seconds per step), the first step (compilation included), the
 examples and real (unpadded) tokens per window, the model FLOPs per window, this process's peak resident
 memory, and the best float32 (or bfloat16) matmul rate this framework reaches here (the MFU denominator). The
 persistent compilation cache is not used, so the first step is a cold one.
@@ -383,6 +384,10 @@ SIDES = {"jaxft": jax_side, "torch": torch_side}
 
 def main() -> None:
     workload, side, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    if side == "jaxft":
+        from jaxft.hostmem import restart_with_huge_pages
+
+        restart_with_huge_pages()   # the process as the `jaxft` command starts it
     if params["task"] == "moe":
         result = moe_side(dict(params, side=side))
     else:

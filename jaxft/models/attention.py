@@ -6,8 +6,9 @@ sliding window, a few `[B, T]`-sized arrays at most — and call `attention(q, k
 chooses one of three implementations of the same function (`model.attention`):
 
 * `plain`: two einsums around a float32 softmax with the mask made dense (`Mask.dense`); grouped query
-  heads share their kv head without copies. Scores `[B, K, G, T, S]` are materialised, in the forward
-  and in the backward: O(T·S) memory, but on CPU the fastest for short sequences.
+  heads share their kv head without copies. Scores `[B, K, T, G, S]` are materialised within each pass
+  (O(T·S) memory while the layer runs) but not kept from the forward to the backward, which recomputes
+  them (`_dense_attention`); on CPU the fastest for short sequences.
 * `blockwise`: flash-style attention in pure JAX (`blockwise_attention`): queries in blocks of
   `model.attention_block`, and for each an online softmax over key blocks with float32 accumulators;
   the mask of each (query block, key block) pair is computed from the description on the fly. Each
@@ -37,13 +38,15 @@ never a target of the loss).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxft.models.dropout import dropout, keep_mask
+from jaxft.models.dropout import keep_mask, keep_scale
+from jaxft.models.layers import after_cotangent
 from jaxft.parallel import constrain
 
 Array = jax.Array
@@ -157,21 +160,85 @@ def attention(q: Array, k: Array, v: Array, mask: Mask, *, scale: float | None =
 
 
 def _plain(q, k, v, dense, scale, rate, key):
-    """Scores `[B, K, G, T, S]` for the `G = N / K` query heads of each kv head, softmax in float32 (masked
-    scores set to `MASKED`), dropout on the probabilities. Written out rather than through
-    `jax.nn.dot_product_attention`, whose grouped-query path repeats K/V per group and laid the scores out
-    with transposed copies in both passes on CPU."""
+    """Scores `[B, K, T, G, S]` for the `G = N / K` query heads of each kv head, softmax in float32 (masked
+    scores set to `MASKED`), dropout on the probabilities; see `_dense_attention`."""
+    ok = None if dense is None else dense[:, :, :, None, :]          # [B|1, 1, T|1, 1, S]
+    return _dense_attention(q, k, v, ok, scale, rate if key is not None else 0.0, key)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _dense_attention(q, k, v, ok, scale, rate, key):
+    """Attention with every score of a row in one `[B, K, T, G, S]` array: `q: BTNH`, `k: BSKH`, `v: BSKV`
+    → `BTNV`, `ok` broadcastable to the scores (True = may attend) or None.
+
+    Written out, with its own backward, for the CPU: the query heads of one kv head are laid out as extra
+    rows (`T·G` rows per `(B, K)`), so grouped queries share K/V without copies and the head transposes
+    move only `[B, T, N, H]`-sized arrays, never scores. The forward keeps no probabilities, only each
+    row's max `m` and sum `l`; the backward recomputes `P = exp(S − m) / l` from `q·kᵀ` (one more small product,
+    one fewer `[B, K, T, G, S]` array held per layer) and, as flash attention does, takes the softmax
+    backward's row term from the output: `Σ_s P_s·dP_s = Σ_v dO_v·O_v`. Products whose result contracts
+    the rows (`dK = dSᵀ·Q`, `dV = Pᵀ·dO`) transpose the small operand, not the scores.
+    """
+    return _dense_fwd(q, k, v, ok, scale, rate, key)[0]
+
+
+def _heads_major(q, k, v):
     B, T, N, H = q.shape
     K = k.shape[2]
-    qg = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-    if dense is not None:
-        logits = jnp.where(dense[:, :, None], logits, MASKED)       # dense: [B|1, 1, T|1, S]
-    probs = jax.nn.softmax(logits, axis=-1)
-    if key is not None and rate > 0.0:   # the mask is drawn per query head [B, N, T, S], head n = k·G + g
-        probs = dropout(probs.reshape(B, N, T, -1), rate, key).reshape(probs.shape)
-    out = jnp.einsum("BKGTS,BSKV->BTKGV", probs.astype(v.dtype), v)
-    return out.reshape(B, T, N, v.shape[-1])
+    qr = jnp.einsum("BTKGH->BKTGH", q.reshape(B, T, K, N // K, H))
+    return qr, jnp.einsum("BSKH->BKSH", k), jnp.einsum("BSKV->BKSV", v)
+
+
+def _scores(qr, kr, ok, scale):
+    x = jnp.einsum("BKTGH,BKSH->BKTGS", qr, kr, preferred_element_type=jnp.float32) * scale
+    return x if ok is None else jnp.where(ok, x, MASKED)
+
+
+def _dense_fwd(q, k, v, ok, scale, rate, key):
+    B, T, N, H = q.shape
+    qr, kr, vr = _heads_major(q, k, v)
+    x = _scores(qr, kr, ok, scale)
+    m = x.max(-1, keepdims=True)
+    p = jnp.exp(x - m)
+    l = p.sum(-1, keepdims=True)
+    keep = None
+    if rate > 0.0:
+        keep, keep_scale = keep_mask(key, rate, p.shape)
+        p = jnp.where(keep, p * keep_scale, 0.0)
+    o = (jnp.einsum("BKTGS,BKSV->BKTGV", p.astype(v.dtype), vr, preferred_element_type=jnp.float32) / l
+         ).astype(q.dtype)
+    out = jnp.einsum("BKTGV->BTKGV", o).reshape(B, T, N, -1)
+    return out, (qr, kr, vr, ok, o, m, l, keep, key)
+
+
+def _dense_bwd(scale, rate, res, g):
+    qr, kr, vr, ok, o, m, l, keep, key, g = after_cotangent(res, g)
+    B, K, T, G, H = qr.shape
+    gr = jnp.einsum("BTKGV->BKTGV", g.reshape(B, T, K, G, -1))
+    # softmax probabilities (m and l kept apart: in a row with no allowed key m is MASKED, and m + log(l)
+    # would round to m)
+    p = jnp.exp(_scores(qr, kr, ok, scale) - m) / l
+    dp = jnp.einsum("BKTGV,BKSV->BKTGS", gr, vr, preferred_element_type=jnp.float32)
+    if keep is not None:
+        p_kept = jnp.where(keep, p * keep_scale(rate), 0.0)
+        dp = jnp.where(keep, dp * keep_scale(rate), 0.0)
+    else:
+        p_kept = p
+    row = jnp.sum(gr.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
+    ds = p * (dp - row) * scale
+    if ok is not None:
+        ds = jnp.where(ok, ds, 0.0)
+    ds = ds.astype(qr.dtype)
+    dq = jnp.einsum("BKTGS,BKSH->BTKGH", ds, kr).reshape(B, T, K * G, H)
+    # rows-contracting products: transpose the [.., T·G, H] operand (small), not the scores
+    q_t = jax.lax.optimization_barrier(jnp.einsum("BKTGH->BKHTG", qr))
+    dk = jnp.einsum("BKHS->BSKH", jnp.einsum("BKHTG,BKTGS->BKHS", q_t, ds))
+    g_t = jax.lax.optimization_barrier(jnp.einsum("BKTGV->BKVTG", gr))
+    dv = jnp.einsum("BKVS->BSKV", jnp.einsum("BKVTG,BKTGS->BKVS", g_t, p_kept.astype(vr.dtype)))
+    return dq, dk.astype(kr.dtype), dv.astype(vr.dtype), None, None
+
+
+_dense_attention.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _blocks(x: Array | None, n: int, b: int) -> Array | None:

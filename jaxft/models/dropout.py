@@ -21,13 +21,23 @@ def keep_mask(key: Array, rate: float, shape: Sequence[int]) -> tuple[Array, flo
     along the last axis, so leading axes keep their sharding), about 3× less work. The rate is thereby
     rounded to a multiple of 2⁻¹⁶ (0.1 → 0.100006); the scale uses the rounded value, so no bias.
     """
-    threshold = round((1.0 - rate) * _KEEP_LEVELS)
-    if not 0 < threshold <= _KEEP_LEVELS:
-        raise ValueError(f"dropout rate {rate} rounds to 0 or 1 at 16-bit resolution; use 0 to switch it off")
+    threshold = _threshold(rate)
     *lead, last = shape
     words = jax.random.bits(key, (*lead, -(-last // 2)), jnp.uint32)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*lead, -1)[..., :last]
-    return halves.astype(jnp.uint32) < threshold, _KEEP_LEVELS / threshold
+    return halves.astype(jnp.uint32) < threshold, keep_scale(rate)
+
+
+def _threshold(rate: float) -> int:
+    threshold = round((1.0 - rate) * _KEEP_LEVELS)
+    if not 0 < threshold <= _KEEP_LEVELS:
+        raise ValueError(f"dropout rate {rate} rounds to 0 or 1 at 16-bit resolution; use 0 to switch it off")
+    return threshold
+
+
+def keep_scale(rate: float) -> float:
+    """The `scale` of `keep_mask` for this rate: 1 / (the rounded keep probability)."""
+    return _KEEP_LEVELS / _threshold(rate)
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:

@@ -215,6 +215,14 @@ class Embed(nnx.Module):
         return linear("BTD,VD->BTV", x, self.embedding[...].astype(x.dtype))
 
 
+def after_cotangent(residuals: tuple, cotangent):
+    """`(*residuals, cotangent)` passed through one optimisation barrier, for a custom backward pass to
+    compute from. Whatever the backward derives from the residuals alone (a recomputed activation, a
+    transposed input) then cannot be scheduled into, or merged with (CSE), the forward pass, where it
+    would be held from the forward to the backward: the memory the custom backward exists to save."""
+    return jax.lax.optimization_barrier((*residuals, cotangent))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def linear(einsum: str, x: Array, w: Array) -> Array:
     """`jnp.einsum(einsum, x, w)` for a layer's einsum (`x`: batch dims then input dims, `w`: kernel), with
@@ -233,7 +241,7 @@ def _linear_bwd(einsum, res, g):
     often the larger (e.g. `[tokens, 1536]` against `[tokens, 576]` for an MLP input projection, or the
     `[tokens, vocab]` logit cotangent), fusing the element-wise backward that produced it (SiLU's, for
     one) into the transpose, and then computed that chain again untransposed for `dx`."""
-    x, w = res
+    x, w, g = after_cotangent(res, g)
     lhs, rhs, out, batch, ins, outs = split_einsum(einsum)
     dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, w)
     if x.size <= g.size:
@@ -333,6 +341,59 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, "ones", (features,), axes, param_dtype)
 
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+        return rms_norm(x, self.scale[...], self.eps, jnp.dtype(self.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
+    """`scale · (x / sqrt(mean(x²) + eps))` over the last axis (normalised in float32, cast to `dtype`
+    before the scale multiply), with a backward pass that keeps only `x` and the `[..., 1]` reciprocal
+    norms `r`. With `n = x·r` and `dn = dy·scale` (float32):
+
+        dx = r · (dn − n · mean(dn · n)),    dscale = Σ_rows dy · n
+
+    Plain autodiff kept three `x`-sized arrays per norm (x², the normalised and the scaled values); the
+    input `x` is the residual stream, which the block keeps anyway."""
+    return _rms_fwd(x, scale, eps, dtype)[0]
+
+
+def _rms_fwd(x, scale, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return scale.astype(dtype) * (x32 * r).astype(dtype), (x, r, scale)
+
+
+def _rms_bwd(eps, dtype, res, dy):
+    x, r, scale, dy = after_cotangent(res, dy)
+    n = x.astype(jnp.float32) * r
+    dy32 = dy.astype(jnp.float32)
+    dn = dy32 * scale.astype(jnp.float32)
+    dx = r * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+    dscale = jnp.sum((dy32 * n).reshape(-1, n.shape[-1]), axis=0)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_fwd, _rms_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated(act: Callable[[Array], Array], g: Array, u: Array) -> Array:
+    """The gated unit of a GLU MLP, `act(g) · u` (SwiGLU for SiLU), keeping only `g` and `u` for the
+    backward pass, which recomputes `act(g)` and its derivative: `du = dh · act(g)`, `dg = act'(g) · dh · u`.
+    Plain autodiff kept `act(g)` and the activation's own intermediates (for SiLU: the sigmoid and its
+    product with `g`), three more `[tokens, mlp]` arrays per layer."""
+    return act(g) * u
+
+
+def _gated_fwd(act, g, u):
+    return act(g) * u, (g, u)
+
+
+def _gated_bwd(act, res, dh):
+    g, u, dh = after_cotangent(res, dh)
+    a, act_vjp = jax.vjp(act, g)
+    (dg,) = act_vjp(dh * u)
+    return dg, dh * a
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)

@@ -31,7 +31,7 @@ from jaxft.hf.table import Flatten, Linear, NameTable, Rule
 from jaxft.models import causal, rope as rope_lib
 from jaxft.models.options import RunOptions
 from jaxft.models.attention import attention
-from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, make_layers, residual, run_layers
+from jaxft.models.layers import Dense, Embed, Keys, RMSNorm, activation, gated, make_layers, residual, run_layers
 from jaxft.parallel import constrain
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -155,7 +155,7 @@ class MLP(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
-        h = constrain(self.act(self.gate_proj(x)) * self.up_proj(x), ("batch", "length", "mlp"))
+        h = constrain(gated(self.act, self.gate_proj(x), self.up_proj(x)), ("batch", "length", "mlp"))
         return self.down_proj(h)
 
 

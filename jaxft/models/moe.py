@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft import parallel
-from jaxft.models.layers import Dense, activation, param
+from jaxft.models.layers import Dense, activation, gated, param
 
 Array = jax.Array
 IMPLS = ("auto", "ragged_dot", "blocks", "dense")
@@ -87,7 +87,7 @@ class GatedMLP(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated(self.act, self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nnx.Module):
@@ -206,7 +206,7 @@ def _ffn_ragged(xs, sizes, gate, up, down, act, masks):
         xa = x if mask is None else x * mask
         return y + jax.lax.ragged_dot(jax.lax.ragged_dot(xa, w.a, sizes), w.b, sizes)
 
-    h = act(proj(xs, gate, masks[0])) * proj(xs, up, masks[1])
+    h = gated(act, proj(xs, gate, masks[0]), proj(xs, up, masks[1]))
     return proj(h, down, masks[2])
 
 
@@ -236,7 +236,7 @@ def _ffn_blocks(xs, sizes, e_sorted, gate, up, down, act, masks):
         xa = x if mask is None else x * pad(mask)
         return y + jnp.einsum("MBr,MrO->MBO", jnp.einsum("MBI,MIr->MBr", xa, w.a[owner]), w.b[owner])
 
-    h = act(proj(xp, gate, masks[0])) * proj(xp, up, masks[1])
+    h = gated(act, proj(xp, gate, masks[0]), proj(xp, up, masks[1]))
     y = proj(h, down, masks[2]).reshape(M * b, D)
     return y.at[slot].get(mode="fill", fill_value=0)
 
@@ -257,7 +257,7 @@ def _ffn_dense(x, local, mine, gate, up, down, act):
         h = jnp.einsum("NI,EIr->NEr" if shared else "NEI,EIr->NEr", x, w.a)
         return y + jnp.einsum("NEr,ErO->NEO", h, w.b)
 
-    h = act(proj(x, gate, True)) * proj(x, up, True)
+    h = gated(act, proj(x, gate, True), proj(x, up, True))
     return proj(h, down, False)
 
 

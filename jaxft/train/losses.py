@@ -12,6 +12,8 @@ evaluate with the plain CE (ε = 0): eval loss and perplexity stay comparable ac
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,6 +30,41 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) ->
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+
+
+def weighted_cross_entropy_sum(logits: Array, labels: Array, weights: Array, label_smoothing: float = 0.0) -> Array:
+    """`Σ weights · cross_entropy(logits, labels, ε)` (a float32 scalar) whose backward pass holds only the
+    gradient of the logits, `dL/dlogits = w · (softmax(logits) − target)` with `target = (1 − ε)·onehot + ε/C`,
+    computed in the forward pass. Plain autodiff of the same sum keeps the float32 log-probabilities (or
+    the logits) for the backward and builds the softmax and the gradient there: for an LM head that is
+    two or three `[B, T, vocab]` arrays live at once where this keeps one, in the logits' dtype."""
+    return _ce_sum(logits, labels, weights, label_smoothing)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ce_sum(logits, labels, weights, label_smoothing):
+    return _ce_sum_fwd(logits, labels, weights, label_smoothing)[0]
+
+
+def _ce_sum_fwd(logits, labels, weights, label_smoothing):
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    picked = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+    ce = lse - picked
+    if label_smoothing:
+        ce = (1.0 - label_smoothing) * ce + label_smoothing * (lse - x.mean(-1))
+    w = weights.astype(jnp.float32)
+    onehot = jnp.arange(x.shape[-1]) == labels[..., None]
+    target = (1.0 - label_smoothing) * onehot + label_smoothing / x.shape[-1]
+    grad = ((jnp.exp(x - lse[..., None]) - target) * w[..., None]).astype(logits.dtype)
+    return jnp.sum(ce * w), grad
+
+
+def _ce_sum_bwd(label_smoothing, grad, g):
+    return grad * g.astype(grad.dtype), None, None   # labels and weights are data: no gradient
+
+
+_ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd)
 
 
 def make_classification_loss(label_smoothing: float = 0.0):
@@ -63,8 +100,7 @@ def chunked_cross_entropy(model, h: Array, targets: Array, weights: Array, chunk
     B, T = targets.shape
     c = T if chunk_tokens <= 0 else min(T, max(1, chunk_tokens // B))
     if c >= T:
-        ce = cross_entropy(model.logits(h), targets, label_smoothing)
-        return jnp.sum(ce * weights)
+        return weighted_cross_entropy_sum(model.logits(h), targets, weights, label_smoothing)
     n = -(-T // c)
     pad = n * c - T   # the tail of the last chunk: zero hidden states, weight 0
 
@@ -75,8 +111,7 @@ def chunked_cross_entropy(model, h: Array, targets: Array, weights: Array, chunk
     @jax.checkpoint
     def body(total, xs):
         h_c, t_c, w_c = xs
-        ce = cross_entropy(model.logits(h_c), t_c, label_smoothing)
-        return total + jnp.sum(ce * w_c), None
+        return total + weighted_cross_entropy_sum(model.logits(h_c), t_c, w_c, label_smoothing), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(h), chunks(targets), chunks(weights)))
     return total

@@ -1,0 +1,104 @@
+"""The hand-written backward passes that keep less for the backward than autodiff would (RMSNorm, the GLU
+gate, dense attention, the weighted cross-entropy): each equals plain autodiff of the same function, and
+keeps only what its docstring says."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals  # (public: only print_saved_residuals)
+
+from jaxft.models.attention import MASKED, _dense_attention
+from jaxft.models.dropout import keep_mask, keep_scale
+from jaxft.models.layers import ACTIVATIONS, gated, rms_norm
+from jaxft.train.losses import cross_entropy, weighted_cross_entropy_sum
+
+
+def close(a, b, tol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol)
+
+
+def rand(key, *shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(key), shape, dtype)
+
+
+def f32_sizes(fn, *args):
+    """Element counts of the float32 residuals `fn` keeps for its backward pass."""
+    return sorted((int(np.prod(a.shape)) for a, _ in saved_residuals(fn, *args) if a.dtype == jnp.float32),
+                  reverse=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rms_norm_backward_equals_autodiff(dtype):
+    x, scale, g = rand(0, 4, 6, 32, dtype=dtype), 1 + 0.3 * rand(1, 32), rand(2, 4, 6, 32)
+
+    def plain(x, scale):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + 1e-6)
+        return scale.astype(dtype) * y.astype(dtype)
+
+    loss = lambda f: lambda x, s: jnp.sum(f(x, s).astype(jnp.float32) * g)  # noqa: E731
+    ours = lambda x, s: rms_norm(x, s, 1e-6, jnp.dtype(dtype))  # noqa: E731
+    close(ours(x, scale), plain(x, scale), 1e-5 if dtype == jnp.float32 else 1e-2)
+    close(jax.grad(loss(ours), (0, 1))(x, scale), jax.grad(loss(plain), (0, 1))(x, scale),
+          1e-5 if dtype == jnp.float32 else 5e-2)
+    if dtype == jnp.float32:   # keeps x, the scale and the [.., 1] norms: one x-sized array, not three
+        assert f32_sizes(lambda x, s: jnp.sum(ours(x, s)), x, scale) == [x.size, 32, 4 * 6]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_new"])
+def test_gated_backward_equals_autodiff(act):
+    f = ACTIVATIONS[act]
+    g, u, dh = rand(0, 3, 5, 16), rand(1, 3, 5, 16), rand(2, 3, 5, 16)
+    loss = lambda fn: lambda g, u: jnp.sum(fn(g, u) * dh)  # noqa: E731
+    ours, plain = (lambda g, u: gated(f, g, u)), (lambda g, u: f(g) * u)
+    close(ours(g, u), plain(g, u))
+    close(jax.grad(loss(ours), (0, 1))(g, u), jax.grad(loss(plain), (0, 1))(g, u))
+    assert f32_sizes(lambda g, u: jnp.sum(ours(g, u)), g, u) == [g.size, u.size]   # only the two inputs
+
+
+def reference_attention(q, k, v, ok, scale, keep=None, keep_scale_=1.0):
+    """Autodiff-able attention in the same `[B, K, T, G, S]` layout, probabilities materialised."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    x = jnp.einsum("BTKGH,BSKH->BKTGS", qg, k) * scale
+    if ok is not None:
+        x = jnp.where(ok, x, MASKED)
+    p = jax.nn.softmax(x, -1)
+    if keep is not None:
+        p = jnp.where(keep, p * keep_scale_, 0.0)
+    return jnp.einsum("BKTGS,BSKV->BTKGV", p, v).reshape(B, T, N, -1)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_dense_attention_backward_equals_autodiff(rate):
+    """Grouped queries (N=6, K=2), value width ≠ key width, causal + padding with a fully padded row (its
+    queries see no key: uniform softmax) and, at rate 0.25, attention dropout with the same keep bits."""
+    B, T, N, K, H, V = 2, 12, 6, 2, 4, 3
+    q, k, v, g = rand(0, B, T, N, H), rand(1, B, T, K, H), rand(2, B, T, K, V), rand(3, B, T, N, V)
+    valid = jnp.array([[1] * 9 + [0] * 3, [0] * 12])
+    t = jnp.arange(T)
+    ok = ((t[None, :] <= t[:, None])[None] & valid[:, None, :].astype(bool))[:, None, :, None, :]
+    key = jax.random.key(7) if rate else None
+    keep = keep_mask(key, rate, (B, K, T, N // K, T))[0] if rate else None
+    ours = lambda q, k, v: _dense_attention(q, k, v, ok, 0.3, rate, key)  # noqa: E731
+    plain = lambda q, k, v: reference_attention(q, k, v, ok, 0.3, keep, keep_scale(rate) if rate else 1.0)  # noqa: E731
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * g)  # noqa: E731
+    close(ours(q, k, v), plain(q, k, v))
+    close(jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v))
+    # no [B, K, T, G, S] float32 scores or probabilities are kept for the backward (autodiff keeps them)
+    assert max(f32_sizes(loss(ours), q, k, v)) < B * N * T * T <= max(f32_sizes(loss(plain), q, k, v))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_weighted_cross_entropy_sum_equals_autodiff(smoothing):
+    logits, labels = 3 * rand(0, 4, 6, 50), jax.random.randint(jax.random.key(1), (4, 6), 0, 50)
+    w = jax.random.uniform(jax.random.key(2), (4, 6))
+    ours = lambda x: weighted_cross_entropy_sum(x, labels, w, smoothing)  # noqa: E731
+    plain = lambda x: jnp.sum(cross_entropy(x, labels, smoothing) * w)  # noqa: E731
+    close(ours(logits), plain(logits))
+    close(jax.grad(ours)(logits), jax.grad(plain)(logits))
+    close(jax.grad(lambda x: 2.5 * ours(x))(logits), 2.5 * jax.grad(plain)(logits))
+    assert f32_sizes(ours, logits) == [logits.size]   # the logits' gradient, nothing else
