@@ -7,7 +7,7 @@ kernel time per step of an 8-layer SmolLM2-shaped model, measured. With the glib
 `glibc.malloc.hugetlb=1` (glibc ≥ 2.35), `malloc` asks the kernel for transparent huge pages
 (`madvise(MADV_HUGEPAGE)`) and the same step takes about 1,600 faults and runs 20–25% faster (PyTorch's
 loop gains about as much from it). Tunables are read once, when the process starts, so the `jaxft`
-command restarts itself (`exec`, before anything is imported) with the tunable added to
+command restarts itself (`exec`, before JAX starts: the restart costs one `import jaxft`) with the tunable added to
 `GLIBC_TUNABLES`. Nothing happens off Linux/glibc, when the kernel's THP mode is `never`, when the
 variable already sets `glibc.malloc.hugetlb`, or with `JAXFT_HUGE_PAGES=0`. Library users get it by
 starting Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
