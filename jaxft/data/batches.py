@@ -55,6 +55,7 @@ class Batches:
         self.multiple, self.shuffle, self.seed, self.drop_remainder = pad_to_multiple_of, shuffle, seed, drop_remainder
         self.group = group_by_length
         self.position = Position()
+        self._order: tuple[int, np.ndarray] | None = None   # (epoch, its order): computed once per epoch
 
     @property
     def rows(self) -> int:
@@ -85,8 +86,10 @@ class Batches:
         per_epoch = len(self) * self.batch_size if self.drop_remainder else self.rows
         if self.position.offset >= per_epoch:
             self.position = Position(self.position.epoch + 1, 0)
-        start = self.position.offset
-        idx = self.order(self.position.epoch)[start:start + self.batch_size]
+        start, epoch = self.position.offset, self.position.epoch
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.order(epoch))
+        idx = self._order[1][start:start + self.batch_size]
         self.position = Position(self.position.epoch, start + len(idx))
         return self.collate(idx)
 

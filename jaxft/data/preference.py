@@ -140,7 +140,7 @@ class PairBatches(Batches):
         return np.maximum(self.pairs.chosen.lengths(), self.pairs.rejected.lengths())
 
     def collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        W = self.width(np.maximum(self.pairs.chosen.lengths()[idx], self.pairs.rejected.lengths()[idx]))
+        W = self.width(self.row_lengths()[idx])
         batch = {}
         for side in SIDES:
             batch.update({f"{side}_{k}": v for k, v in self.pad(getattr(self.pairs, side), idx, W).items()})
