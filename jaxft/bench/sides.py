@@ -1,7 +1,8 @@
 """One side of one benchmark, in this process: `python -m jaxft.bench.sides WORKLOAD SIDE 'JSON params'`.
 
-The jaxft side starts as the `jaxft` command does (`jaxft.hostmem`: huge-page malloc); the PyTorch side
-as a plain script. Prints one JSON line: the timed windows (seconds per step), the first step (compilation included), the
+Both sides inherit the environment of `jaxft bench`, which starts as the `jaxft` command does
+(`jaxft.hostmem`: huge-page malloc where it applies), so the two run with the same allocator setting; a
+jaxft side started by hand restarts itself with it. Prints one JSON line: the timed windows (seconds per step), the first step (compilation included), the
 examples and real (unpadded) tokens per window, the model FLOPs per window, this process's peak resident
 memory, and the best float32 (or bfloat16) matmul rate this framework reaches here (the MFU denominator). The
 persistent compilation cache is not used, so the first step is a cold one.
