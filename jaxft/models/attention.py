@@ -195,7 +195,7 @@ def _scores(qr, kr, ok, scale):
 
 
 def _dense_fwd(q, k, v, ok, scale, rate, key):
-    B, T, N, H = q.shape
+    B, T, N, _ = q.shape
     qr, kr, vr = _heads_major(q, k, v)
     x = _scores(qr, kr, ok, scale)
     m = x.max(-1, keepdims=True)
@@ -203,8 +203,8 @@ def _dense_fwd(q, k, v, ok, scale, rate, key):
     l = p.sum(-1, keepdims=True)
     keep = None
     if rate > 0.0:
-        keep, keep_scale = keep_mask(key, rate, p.shape)
-        p = jnp.where(keep, p * keep_scale, 0.0)
+        keep, kept_scale = keep_mask(key, rate, p.shape)
+        p = jnp.where(keep, p * kept_scale, 0.0)
     o = (jnp.einsum("BKTGS,BKSV->BKTGV", p.astype(v.dtype), vr, preferred_element_type=jnp.float32) / l
          ).astype(q.dtype)
     out = jnp.einsum("BKTGV->BTKGV", o).reshape(B, T, N, -1)
