@@ -217,8 +217,12 @@ def test_jaxft_train_on_two_processes_slices_writes_once_and_stops_together(tmp_
     assert main(["export", str(ref), str(tmp_path / "e_ref")]) == 0
     ours, theirs = (load_file(tmp_path / e / "model.safetensors") for e in ("e_multi", "e_ref"))
     assert sorted(ours) == sorted(theirs)
+    # Adam divides each gradient element by its own running scale, so where an element's gradient is near
+    # zero, float32 sums in another order (sharded vs one device) move its update by a fraction of the
+    # learning rate (seen: up to 3.9e-6 = 0.13% of lr 3e-3 after 3-13 steps, before and after the lean
+    # backward passes). A batch fed wrongly moves whole tensors by ~lr per step: bound each element by 1% of lr.
     for name in theirs:
-        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=0.01 * 3.0e-3, err_msg=name)
 
 
 def test_ctrl_c_on_a_multi_process_run_reaches_jax_as_sigterm(monkeypatch):
