@@ -92,6 +92,37 @@ def test_dense_attention_backward_equals_autodiff(rate):
     assert max(f32_sizes(loss(ours), q, k, v)) < B * N * T * T <= max(f32_sizes(loss(plain), q, k, v))
 
 
+@pytest.mark.parametrize("case", ["padded", "packed-window", "prefill"])
+def test_causal_row_blocks_equal_one_block(case, monkeypatch):
+    """The plain path's causal row blocks (`causal_spans`, here 4 blocks of 9 rows at T = 36) compute what one
+    `[B, K, T, G, S]` block does, values and gradients: with left padding and an all-padding row (queries that
+    see no key: the mean of all S values, not of their block's keys), packed documents under a sliding
+    window, and a prefill into a longer cache (q_start 0, S = T + 8: every block stops short of S)."""
+    from jaxft.models import attention
+    from jaxft.models.attention import Mask, _plain, causal_spans
+
+    monkeypatch.setattr(attention, "CAUSAL_MIN_ROWS", 9)
+    B, T, N, K, H, V = 3, 36, 6, 2, 4, 3
+    S = T + 8 if case == "prefill" else T
+    q, k, v, g = rand(0, B, T, N, H), rand(1, B, S, K, H), rand(2, B, S, K, V), rand(3, B, T, N, V)
+    valid = np.ones((B, S), bool)
+    valid[0, :5] = False                     # left padding
+    valid[1] = False                         # a row of padding only
+    seg = np.ones((B, S), np.int32)
+    seg[2, 14:], seg[2, 27:] = 2, 3
+    mask = {"padded": Mask(kv_valid=jnp.asarray(valid)),
+            "packed-window": Mask(q_segments=jnp.asarray(seg[:, :T]), kv_segments=jnp.asarray(seg), window=7),
+            "prefill": Mask(kv_valid=jnp.asarray(valid))}[case]
+    spans = causal_spans(mask, T, S)
+    assert [s[1] - s[0] for s in spans] == [9] * 4 and all(s[2] < S for s in spans[:3])
+    ok = mask.dense(T, S)[:, :, :, None, :]
+    blocks = lambda q, k, v: _plain(q, k, v, mask, 0.3, 0.0, None)  # noqa: E731
+    whole = lambda q, k, v: _dense_attention(q, k, v, ok, 0.3, 0.0, None)  # noqa: E731
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * g)  # noqa: E731
+    close(blocks(q, k, v), whole(q, k, v))
+    close(jax.grad(loss(blocks), (0, 1, 2))(q, k, v), jax.grad(loss(whole), (0, 1, 2))(q, k, v))
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_weighted_cross_entropy_sum_equals_autodiff(smoothing):
     logits, labels = 3 * rand(0, 4, 6, 50), jax.random.randint(jax.random.key(1), (4, 6), 0, 50)
