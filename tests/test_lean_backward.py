@@ -133,3 +133,25 @@ def test_weighted_cross_entropy_sum_equals_autodiff(smoothing):
     close(jax.grad(ours)(logits), jax.grad(plain)(logits))
     close(jax.grad(lambda x: 2.5 * ours(x))(logits), 2.5 * jax.grad(plain)(logits))
     assert f32_sizes(ours, logits) == [logits.size]   # the logits' gradient, nothing else
+
+
+@pytest.mark.parametrize("einsum", ["BTD,VD->BTV", "BTD,DV->BTV"])
+@pytest.mark.parametrize("chunk,smoothing", [(7, 0.0), (3, 0.1), (0, 0.0)])
+def test_head_cross_entropy_sum_equals_autodiff(einsum, chunk, smoothing):
+    """The LM head + CE whose forward also takes the gradient (tied `[V, D]` and untied `[D, V]` heads;
+    chunks of 3 positions: 3 of them, the last one padded; 7: one chunk; 0: no chunks) equals autodiff of
+    the plain logits' CE, in value and in the gradients of the hidden states and the head, under a
+    cotangent other than 1; and its backward keeps only those two gradients."""
+    from jaxft.train.losses import head_cross_entropy_sum
+
+    B, T, D, V = 2, 7, 16, 50
+    h, targets = rand(0, B, T, D), jax.random.randint(jax.random.key(1), (B, T), 0, V)
+    w = rand(2, *((V, D) if einsum.endswith("VD->BTV") else (D, V)))
+    weights = jax.random.uniform(jax.random.key(3), (B, T)) * (jnp.arange(T) < 6)
+    c = T if chunk == 0 else chunk
+    ours = lambda h, w: head_cross_entropy_sum(einsum, c, smoothing, h, w, targets, weights)  # noqa: E731
+    plain = lambda h, w: jnp.sum(cross_entropy(jnp.einsum(einsum, h, w), targets, smoothing) * weights)  # noqa: E731
+    close(ours(h, w), plain(h, w))
+    close(jax.grad(lambda h, w: 2.5 * ours(h, w), (0, 1))(h, w), jax.grad(lambda h, w: 2.5 * plain(h, w), (0, 1))(h, w))
+    close(jax.jit(ours)(h, w), plain(h, w))
+    assert f32_sizes(ours, h, w) == sorted([h.size, w.size], reverse=True)   # dh and dW, no logits

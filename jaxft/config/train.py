@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from jaxft.config.base import Section
 
 # train.loss_chunk_tokens default (see jaxft.train.losses.chunked_cross_entropy)
-LOSS_CHUNK_TOKENS = 2048
+LOSS_CHUNK_TOKENS = 512
 
 
 class EarlyStopping(Section):

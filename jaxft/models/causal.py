@@ -159,6 +159,15 @@ class CausalLM(nnx.Module):
         logits = self.input_embedding().attend(h) if self.tied else self.lm_head(h)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
+    def head_matrix(self) -> tuple[str, Array] | None:
+        """The LM head as one product, `(einsum, W)` with `logits = einsum(h, W)`, when it is nothing more: tied
+        (the input embedding) or an untied head without bias or LoRA adapter. None otherwise; the loss then
+        calls `logits` (`jaxft.train.losses.chunked_cross_entropy`)."""
+        if self.tied:
+            return "BTD,VD->BTV", self.input_embedding().embedding[...]
+        head = self.lm_head
+        return (head.einsum, head.weight()) if head.bias is None and head.lora is None else None
+
     def hidden(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None,
                dropout_rng=None, right_padded: bool = False) -> tuple[Array, Any]:
         """`(h [B, T, D], router stats or None)` of a full-sequence call; see `__call__`. `right_padded`:

@@ -242,6 +242,11 @@ def _linear_bwd(einsum, res, g):
     `[tokens, vocab]` logit cotangent), fusing the element-wise backward that produced it (SiLU's, for
     one) into the transpose, and then computed that chain again untransposed for `dx`."""
     x, w, g = after_cotangent(res, g)
+    return linear_grads(einsum, x, w, g)
+
+
+def linear_grads(einsum: str, x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+    """`(dx, dW)` of `jnp.einsum(einsum, x, w)` for the output cotangent `g`, laid out as `_linear_bwd` says."""
     lhs, rhs, out, batch, ins, outs = split_einsum(einsum)
     dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, w)
     if x.size <= g.size:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxft.config import LOSS_CHUNK_TOKENS
+from jaxft.models.layers import linear_grads
+from jaxft.parallel import constrain
 
 Array = jax.Array
 
@@ -93,28 +95,100 @@ def chunked_cross_entropy(model, h: Array, targets: Array, weights: Array, chunk
 
     Each chunk takes `c = max(1, chunk_tokens // B)` positions of every row (the batch axis stays whole, so
     its sharding is kept); its logits `[B, c, V]` are made, reduced to the weighted CE sum and dropped.
-    The loop is a `jax.lax.scan` whose body runs under `jax.checkpoint`, so the backward pass recomputes
-    each chunk's logits instead of keeping them: O(B·c·V) memory instead of O(B·T·V). When one chunk covers
-    the sequence (`c ≥ T`, or `chunk_tokens` 0) it is the plain computation.
+    When the head is one matrix (`model.head_matrix()`: tied, or no bias or adapter) the gradient is
+    taken in the same pass (`head_cross_entropy_sum`): nothing of the logits is kept and nothing is
+    recomputed. Otherwise the loop is a `jax.lax.scan` whose body runs under `jax.checkpoint`, so the
+    backward pass recomputes each chunk's logits instead of keeping them: O(B·c·V) memory instead of
+    O(B·T·V); and when one chunk covers the sequence (`c ≥ T`, or `chunk_tokens` 0) it is the plain
+    computation.
     """
     B, T = targets.shape
     c = T if chunk_tokens <= 0 else min(T, max(1, chunk_tokens // B))
+    head = getattr(model, "head_matrix", lambda: None)()
+    if head is not None:
+        einsum, w = head
+        return head_cross_entropy_sum(einsum, c, label_smoothing, h, w, targets, weights)
     if c >= T:
         return weighted_cross_entropy_sum(model.logits(h), targets, weights, label_smoothing)
-    n = -(-T // c)
-    pad = n * c - T   # the tail of the last chunk: zero hidden states, weight 0
-
-    def chunks(x):  # [B, T, ...] → [n, B, c, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(B, n, c, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def body(total, xs):
         h_c, t_c, w_c = xs
         return total + weighted_cross_entropy_sum(model.logits(h_c), t_c, w_c, label_smoothing), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(h), chunks(targets), chunks(weights)))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunks((h, targets, weights), c))
     return total
+
+
+def _chunks(xs, c: int):
+    """Each `[B, T, ...]` array → `[n, B, c, ...]` (n = ⌈T / c⌉; the tail of the last chunk is zeros: zero
+    hidden states, weight 0)."""
+    def split(x):
+        B, T = x.shape[:2]
+        n = -(-T // c)
+        x = jnp.pad(x, [(0, 0), (0, n * c - T)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(B, n, c, *x.shape[2:]), 1, 0)
+
+    return tuple(split(x) for x in xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def head_cross_entropy_sum(einsum: str, c: int, label_smoothing: float, h: Array, w: Array, targets: Array,
+                           weights: Array) -> Array:
+    """`Σ weights · CE(einsum(h, w), targets)` for an LM head that is one product (`w`: `[V, D]` tied or
+    `[D, V]`), in chunks of `c` positions per row, whose forward pass also computes the gradient:
+
+        dlogits = weights · (softmax(logits) − target),   dh = dlogits · Wᵀ,   dW = Σ_chunks hᵀ · dlogits
+
+    so the backward only scales `dh [B, T, D]` and `dW` by the incoming cotangent. No `[B, T, V]` array
+    is kept (one chunk's logits live at a time), and unlike a checkpointed chunk loop nothing is
+    recomputed: the three products of the head run once each, as without chunks."""
+    return _head_ce(einsum, c, label_smoothing, h, w, targets, weights, grads=False)
+
+
+def _head_ce(einsum, c, label_smoothing, h, w, targets, weights, grads: bool):
+    """The loss (and, with `grads`, `(loss, (dh, dw))`) of `head_cross_entropy_sum`."""
+    T = targets.shape[1]
+    w_c = w.astype(h.dtype)
+
+    def chunk(h_c, t_c, wt_c):
+        logits = constrain(jnp.einsum(einsum, h_c, w_c).astype(jnp.float32), ("batch", "length", "vocab"))
+        ce, dlogits = _ce_sum_fwd(logits, t_c, wt_c, label_smoothing)
+        if not grads:
+            return ce, None
+        return ce, linear_grads(einsum, h_c, w_c, dlogits.astype(h.dtype))
+
+    if c >= T:
+        ce, d = chunk(h, targets, weights)
+        return (ce, d) if grads else ce
+
+    def body(carry, xs):
+        total, dw = carry
+        ce, d = chunk(*xs)
+        if not grads:
+            return (total + ce, dw), None
+        return (total + ce, dw + d[1].astype(jnp.float32)), d[0]
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
+    (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), _chunks((h, targets, weights), c))
+    if not grads:
+        return total
+    B = h.shape[0]
+    dh = jnp.moveaxis(dh, 0, 1).reshape(B, -1, *h.shape[2:])[:, :T]
+    return total, (dh, dw)
+
+
+def _head_ce_fwd(einsum, c, label_smoothing, h, w, targets, weights):
+    total, (dh, dw) = _head_ce(einsum, c, label_smoothing, h, w, targets, weights, grads=True)
+    return total, (dh, dw.astype(w.dtype))
+
+
+def _head_ce_bwd(einsum, c, label_smoothing, res, g):
+    dh, dw = res
+    return dh * g.astype(dh.dtype), dw * g.astype(dw.dtype), None, None   # targets, weights: data
+
+
+head_cross_entropy_sum.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
 def make_causal_lm_loss(aux_loss_coef: float = 0.0, chunk_tokens: int = LOSS_CHUNK_TOKENS,
