@@ -58,7 +58,9 @@ def test_report_states_each_target_met_or_missed_by_how_much(tmp_path):
     write_report(results, out, reduced=False, argv=["bench", "llama-135m", "moe"])
     text = out.read_text()
     assert "| step (median) | 1.100 s | 1.000 s | 0.91 |" in text
-    assert "| MFU | 0.100 | 0.100 |" in text
+    assert "| MFU | 0.100 | 0.100 | 1.00 |" in text
+    # rates: higher is better, so jaxft's over PyTorch's (a slower jaxft is below 1 on every row)
+    assert "| tokens/s (real) | 1862 | 2048 | 0.91 |" in text
     # speed 1.0/1.1 = 0.909 against 1.1: missed by 17%; memory 6/8 = 0.75 against 1.0: missed by 25%
     assert "target step ≥ 1.1× PyTorch: 0.91× — missed by 17%" in text
     assert "target peak memory ≤ PyTorch's: 0.75× — missed by 25%" in text
