@@ -117,7 +117,7 @@ def test_dpo_lora_learns_the_preferred_rule_without_a_second_base(tmp_path):
     # Greedy answers: DPO's reward is relative to the base, and the adapters are shared by every prompt, so an
     # answer chosen for one prompt can rise on another: 7 of 8 right is the bar (before: at most 1). The same
     # code and packages gave 8 on one machine and 7 on another (w3 → "d18", w5's answer: log p −1.84 against
-    # −2.23 for "d4"), a near tie in 200 steps.
+    # −2.23 for "d4").
     answers = greedy_answers(restore_run(tmp_path / "run").model, tok)
     assert sum(a == [f"d{RULE[i]}", "</s>"] for i, a in zip(RULE, answers)) >= 7, answers
 
