@@ -1,5 +1,5 @@
-"""The hand-written backward passes that keep less for the backward than autodiff would (RMSNorm, the GLU
-gate, dense attention, the weighted cross-entropy): each equals plain autodiff of the same function, and
+"""The hand-written backward passes that keep less for the backward than autodiff would (RMSNorm,
+LayerNorm, the GLU gate, a plain MLP's activation, dense attention, the weighted cross-entropy): each equals plain autodiff of the same function, and
 keeps only what its docstring says."""
 
 import jax
@@ -10,7 +10,7 @@ from jax._src.ad_checkpoint import saved_residuals  # (public: only print_saved_
 
 from jaxft.models.attention import MASKED, _dense_attention
 from jaxft.models.dropout import keep_mask, keep_scale
-from jaxft.models.layers import ACTIVATIONS, gated, rms_norm
+from jaxft.models.layers import ACTIVATIONS, activate, gated, layer_norm, rms_norm
 from jaxft.train.losses import cross_entropy, weighted_cross_entropy_sum
 
 
@@ -45,6 +45,45 @@ def test_rms_norm_backward_equals_autodiff(dtype):
           1e-5 if dtype == jnp.float32 else 5e-2)
     if dtype == jnp.float32:   # keeps x, the scale and the [.., 1] norms: one x-sized array, not three
         assert f32_sizes(lambda x, s: jnp.sum(ours(x, s)), x, scale) == [x.size, 32, 4 * 6]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm_backward_equals_autodiff(dtype, with_bias):
+    """LayerNorm as BERT and GPT-2 use it (float32 statistics, `transformers`' formula), with and without a
+    bias: values and the gradients of x, scale and bias equal plain autodiff's under a random cotangent,
+    and it keeps x, the scale and two `[..., 1]` statistics (autodiff: three more x-sized arrays)."""
+    x = (3 * rand(0, 4, 6, 32) + 1.5).astype(dtype)     # a mean away from 0, so dropping −mean(dn) shows
+    scale, bias, g = 1 + 0.3 * rand(1, 32), 0.5 * rand(2, 32) if with_bias else None, rand(3, 4, 6, 32)
+
+    def plain(x, scale, bias):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + 1e-5) * scale
+        return (y if bias is None else y + bias).astype(dtype)
+
+    ours = lambda x, s, b: layer_norm(x, s, b, 1e-5, jnp.dtype(dtype))  # noqa: E731
+    loss = lambda f: lambda x, s, b: jnp.sum(f(x, s, b).astype(jnp.float32) * g)  # noqa: E731
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    close(ours(x, scale, bias), plain(x, scale, bias), 1e-5 if dtype == jnp.float32 else 1e-2)
+    close(jax.grad(loss(ours), argnums)(x, scale, bias), jax.grad(loss(plain), argnums)(x, scale, bias),
+          1e-5 if dtype == jnp.float32 else 5e-2)
+    if dtype == jnp.float32:
+        kept = f32_sizes(lambda x, s, b: jnp.sum(ours(x, s, b)), x, scale, bias)
+        assert kept == sorted([x.size, 32, 4 * 6, 4 * 6] + ([32] if with_bias else []), reverse=True)
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_activate_backward_equals_autodiff(act):
+    """A plain MLP's activation through `activate`: the same values and input gradient as autodiff of the
+    activation itself, keeping only its input (the exact GELU under autodiff keeps four input-sized arrays)."""
+    f = ACTIVATIONS[act]
+    x, g = 2 * rand(0, 3, 5, 16), rand(1, 3, 5, 16)
+    loss = lambda fn: lambda x: jnp.sum(fn(x) * g)  # noqa: E731
+    ours = lambda x: activate(f, x)  # noqa: E731
+    close(ours(x), f(x))
+    close(jax.grad(loss(ours))(x), jax.grad(loss(f))(x))
+    assert f32_sizes(lambda x: jnp.sum(ours(x)), x) == [x.size]
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_new"])

@@ -15,7 +15,7 @@ from jaxft.hf.table import Flatten, Linear, NameTable, Rule
 from jaxft.models.options import RunOptions
 from jaxft.models.attention import Mask, attention
 from jaxft.models.dropout import dropout
-from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, make_layers, residual, run_layers
+from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activate, activation, make_layers, residual, run_layers
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class BertLayer(nnx.Module):
         a = attention(self.query(x), self.key(x), self.value(x), mask,
                       dropout_rate=self.attn_rate, dropout_key=keys())
         x = self.attn_norm(x + dropout(self.attn_out(a), self.rate, keys()))
-        h = self.mlp_out(self.act(self.mlp_in(x)))
+        h = self.mlp_out(activate(self.act, self.mlp_in(x)))
         return self.mlp_norm(x + dropout(h, self.rate, keys()))
 
 

@@ -22,7 +22,7 @@ from jaxft.models import causal
 from jaxft.models.options import RunOptions
 from jaxft.models.attention import attention
 from jaxft.models.dropout import dropout
-from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activation, make_layers, residual, run_layers
+from jaxft.models.layers import Dense, Embed, Keys, LayerNorm, activate, activation, make_layers, residual, run_layers
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class GPT2MLP(nnx.Module):
         self.rate = cfg.resid_pdrop
 
     def __call__(self, x, keys: Keys):
-        return dropout(self.c_proj(self.act(self.c_fc(x))), self.rate, keys())
+        return dropout(self.c_proj(activate(self.act, self.c_fc(x))), self.rate, keys())
 
 
 class GPT2Block(nnx.Module):

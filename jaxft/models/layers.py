@@ -274,13 +274,47 @@ class LayerNorm(nnx.Module):
         self.bias = param(rngs, "zeros", (features,), ("embed",), param_dtype) if use_bias else None
 
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return layer_norm(x, self.scale[...], bias, self.eps, jnp.dtype(self.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: Array, scale: Array, bias: Array | None, eps: float, dtype) -> Array:
+    """`((x − μ) / sqrt(σ² + eps)) · scale + bias` over the last axis, in float32, cast to `dtype`; `bias`
+    may be None. The backward pass keeps only `x` and the `[..., 1]` means `μ` and reciprocal deviations
+    `r`. With `n = (x − μ)·r` and `dn = dy·scale` (float32):
+
+        dx = r · (dn − mean(dn) − n · mean(dn · n)),    dscale = Σ_rows dy · n,    dbias = Σ_rows dy
+
+    Plain autodiff kept three more `x`-sized float32 arrays per norm (`x − μ`, the normalised and the
+    scaled values); a BERT or GPT-2 block has two norms."""
+    return _ln_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _ln_fwd(x, scale, bias, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    r = jax.lax.rsqrt(var + eps)
+    y = (x32 - mean) * r * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype), (x, mean, r, scale, bias)
+
+
+def _ln_bwd(eps, dtype, res, dy):
+    x, mean, r, scale, bias, dy = after_cotangent(res, dy)
+    n = (x.astype(jnp.float32) - mean) * r
+    dy32 = dy.astype(jnp.float32)
+    dn = dy32 * scale.astype(jnp.float32)
+    dx = r * (dn - jnp.mean(dn, axis=-1, keepdims=True) - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+    dscale = jnp.sum(rows(dy32 * n), axis=0).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(rows(dy32), axis=0).astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+layer_norm.defvjp(_ln_fwd, _ln_bwd)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -300,6 +334,27 @@ def activation(name: str, field: str = "hidden_act") -> Callable[[Array], Array]
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported {field}={name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def activate(act: Callable[[Array], Array], x: Array) -> Array:
+    """`act(x)` (the activation of a plain, ungated MLP) keeping only `x` for the backward pass, which
+    recomputes the derivative from it. Plain autodiff kept the activation's intermediates: for the exact
+    GELU `x·erfc(−x/√2)/2`, four `[tokens, mlp]` float32 arrays per layer (the product, `erfc`, the `exp`
+    of its derivative and a copy of `x`)."""
+    return act(x)
+
+
+def _activate_fwd(act, x):
+    return act(x), (x,)
+
+
+def _activate_bwd(act, res, dy):
+    x, dy = after_cotangent(res, dy)
+    return jax.vjp(act, x)[1](dy)
+
+
+activate.defvjp(_activate_fwd, _activate_bwd)
 
 
 _LAYER_STREAM = 0x7A7E25  # separates per-layer streams from the model's own draws
