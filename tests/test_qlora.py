@@ -50,6 +50,37 @@ def test_nf4_code_book_and_quantisation_error_bounds():
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantised_layer_keeps_codes_not_a_float_kernel_for_the_backward(kind):
+    """A quantised `Dense` under an adapter keeps its codes and scales for the backward pass, never the
+    dequantised float kernel (it is dequantised again there), with the same output and adapter gradients
+    as the plain product with the dequantised kernel."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from jaxft.lora import quantize_layer
+    from jaxft.models.layers import Dense, linear
+    from jaxft.models.lora import LoRA, LoRAParam
+
+    layer = Dense("BTD,DNH->BTNH", (64, 4, 32), ("embed", "heads", "head_dim"), use_bias=False, rngs=nnx.Rngs(0))
+    quantize_layer(layer, kind)
+    layer.lora = LoRA(layer.einsum, (64, 4, 32), ("embed", "heads", "head_dim"), 4, 8.0, key=jax.random.key(1))
+    layer.lora.b.set_value(jax.random.normal(jax.random.key(2), layer.lora.b.shape))
+    graphdef, adapters, rest = nnx.split(layer, LoRAParam, ...)
+    x, g = jax.random.normal(jax.random.key(3), (2, 8, 64)), jax.random.normal(jax.random.key(4), (2, 8, 4, 32))
+
+    def loss(adapters, x, plain=False):
+        m = nnx.merge(graphdef, adapters, rest)
+        y = linear(m.einsum, x, m.quant.dequantize()) + m.lora(x) if plain else m(x)
+        return jnp.sum(y * g)
+
+    ours, plain = jax.grad(loss, (0, 1))(adapters, x), jax.grad(lambda a, x: loss(a, x, True), (0, 1))(adapters, x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    kept = [(a.shape, a.dtype) for a, _ in saved_residuals(loss, adapters, x)]
+    assert not [k for k in kept if k[0] == (64, 4, 32) and jnp.issubdtype(k[1], jnp.floating)], kept
+    assert any(jnp.issubdtype(dtype, jnp.integer) for _, dtype in kept), kept   # the codes
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_qlora_trains_and_merged_export_matches(tmp_path, kind):
     """A tiny Llama loaded quantised: only the codes and scales are held (no float kernel of a linear layer),
     LoRA training lowers the loss, and the merged export (dequantised base + adapters) loads in

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.models.quant import recompute_dequantized
 from jaxft.models.lora import layer_scope, split_einsum
 from jaxft.parallel import constrain
 
@@ -165,7 +166,11 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: Array) -> Array:
-        y = linear(self.einsum, x.astype(self.dtype), self.weight())
+        if self.quant is None:
+            y = linear(self.einsum, x.astype(self.dtype), self.weight())
+        else:
+            product = lambda quant, x: linear(self.einsum, x, quant.dequantize(self.dtype))  # noqa: E731
+            y = recompute_dequantized(product)(self.quant, x.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:

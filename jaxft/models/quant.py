@@ -11,7 +11,9 @@ Two formats, both for `Dense` kernels (every linear layer of the model but the o
 
 The quantised arrays are `QuantParam`s: `nnx.Param`s the trainer never selects (frozen, no gradient, no
 optimizer state), placed with the kernel's own logical axes. `Dense` calls `dequantize` inside the jitted
-step, so only one layer's float kernel exists at a time (XLA frees it after its matmuls). Quantisation
+step; a `Dense` does it in a region whose backward pass dequantises again rather than keep its float
+kernel from the forward (`recompute_dequantized`). The routed experts' dispatch (`jaxft.models.moe`)
+reads its dequantised kernels under plain autodiff. Quantisation
 happens while loading, one parameter at a time (`jaxft.hf.load.load_model(quantize=...)`).
 """
 
@@ -35,6 +37,17 @@ NF4 = np.array([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ], np.float32)
 NF4_MAX_GAP = float(np.max(np.diff(NF4)))
+
+
+def recompute_dequantized(fn):
+    """`fn(quant, x)`, one product with a dequantised kernel, rematerialised with nothing saved: its
+    backward pass keeps only the inputs (the codes, scales and `x`) and dequantises again, instead of
+    keeping the float kernel from the forward. Without it the dequantised kernel was a residual of the
+    forward (its matmul's backward reads it for `dx = g·Wᵀ`; seen with `saved_residuals`), so a backend
+    that materialises it would hold a float copy of the whole quantised base at the step's peak, which
+    QLoRA exists to avoid. (XLA on CPU fuses the dequantisation into each matmul either way: an 8-layer
+    SmolLM2-shaped QLoRA step compiled to the same memory and ran as fast with and without this.)"""
+    return nnx.remat(fn, policy=jax.checkpoint_policies.nothing_saveable, graph_updates=False)
 
 
 def nf4_from_quantiles(offset: float = 0.9677083) -> np.ndarray:
