@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.models.quant import recompute_dequantized
 from jaxft.models.lora import layer_scope, split_einsum
+from jaxft.models.quant import recompute_dequantized
 from jaxft.parallel import constrain
 
 Array = jax.Array
