@@ -1,6 +1,6 @@
 """The hand-written backward passes that keep less for the backward than autodiff would (RMSNorm,
-LayerNorm, the GLU gate, a plain MLP's activation, dense attention, the weighted cross-entropy): each equals plain autodiff of the same function, and
-keeps only what its docstring says."""
+LayerNorm, the GLU gate, a plain MLP's activation, dense attention, the weighted cross-entropy): each
+equals plain autodiff of the same function, and keeps only what its docstring says."""
 
 import jax
 import jax.numpy as jnp

@@ -52,7 +52,7 @@ def test_nf4_code_book_and_quantisation_error_bounds():
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantised_layer_keeps_codes_not_a_float_kernel_for_the_backward(kind):
     """A quantised `Dense` under an adapter keeps its codes and scales for the backward pass, never the
-    dequantised float kernel (it is dequantised again there), with the same output and adapter gradients
+    dequantised float kernel (it is dequantised again there), with the same adapter and input gradients
     as the plain product with the dequantised kernel."""
     from jax._src.ad_checkpoint import saved_residuals
 
