@@ -13,10 +13,10 @@ name table (the rule of its kernel), which also gives the layout peft stores its
 DeepSeek's routed experts are linear modules by their checkpoint names (`mlp.experts.E.gate_proj`, one per
 expert; `transformers` 5 fuses them in memory), so a regex naming them (`experts\\..*`) or `all-linear`
 adapts them: one adapter per expert, stacked along the kernel's `expert` axis (`jaxft.models.moe.Stacked`).
-With peft 0.21 and transformers 5, peft's `all-linear` on DeepSeek adapts the routed experts and the
-router but not the dense MLP or the shared experts (its v4→v5 name remapping sends every `*_proj` name to
-the fused experts); jaxft's adapts every linear module by name (attention, dense MLP, shared and routed
-experts) and never the router, whose output is a discrete choice.
+jaxft's `all-linear` adapts every linear module by name (attention, dense MLP, shared and routed experts)
+and never the router, whose output is a discrete choice. peft (0.21, 0.22) with transformers 5 loads the
+routed experts' adapters onto the fused expert tensors; 0.21 also sends the dense MLP's and the shared
+experts' adapters there (and so drops them), 0.22 keeps them (see `_check_peft_moe`).
 
 `train_modules` (peft's `modules_to_save`) names modules trained in full next to the adapters: by default
 the classification head of a sequence-classification model, since a new head must learn.
@@ -292,7 +292,7 @@ def save_adapter(model: nnx.Module, adapters: Adapters, out_dir: str | os.PathLi
     if jax.process_index() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    targets = sorted(n for t in adapters.targets for n in t.hf_names)
+    targets = peft_target_modules(model.hf_config["model_type"], adapters)
     config = {
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[adapters.task], "r": spec.rank,
         "lora_alpha": spec.alpha, "lora_dropout": dropout, "use_rslora": spec.rslora,
@@ -307,17 +307,48 @@ def save_adapter(model: nnx.Module, adapters: Adapters, out_dir: str | os.PathLi
     return out
 
 
+def peft_target_modules(model_type: str, adapters: Adapters) -> list[str]:
+    """`target_modules` for adapter_config.json: every adapted module by its HF name, except that the routed
+    experts of a model peft remaps onto transformers 5's fused experts are named by their container
+    (`model.layers.1.mlp.experts.gate_proj` for all `model.layers.1.mlp.experts.E.gate_proj`).
+
+    peft turns such a target into a target parameter by replacing the projection's name with the fused one:
+    0.21 keeps only the new leaf name (`gate_up_proj`, every layer's), 0.22 the whole name
+    (`model.layers.1.mlp.experts.gate_up_proj`). A per-expert name would become
+    `...experts.E.gate_up_proj` there, which names no parameter, and peft 0.22 would drop the adapter."""
+    names = sorted({n for t in adapters.targets for n in t.hf_names})
+    if model_type not in PEFT_MOE_REMAPPED:
+        return names
+    return sorted({ROUTED_EXPERT.sub(r".mlp.experts.\1", n) for n in names})
+
+
+def installed_peft() -> tuple[int, int] | None:
+    """(major, minor) of the `peft` installed beside jaxft, or None where there is none (jaxft never imports it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(x) for x in re.findall(r"\d+", version("peft"))[:2])
+    except PackageNotFoundError:
+        return None
+
+
+# the first peft whose transformers-5 MoE loader keeps adapters on dense MLP / shared-expert linear layers
+PEFT_KEEPS_DENSE_MLP = (0, 22)
+
+
 def _check_peft_moe(model_type: str, adapters: Adapters) -> float:
-    """Refuse a DeepSeek adapter that peft (0.21, with transformers 5) would load wrongly; return the
-    `lora_dropout` to record.
+    """Refuse a DeepSeek adapter that peft (with transformers 5) would load wrongly; return the `lora_dropout`
+    to record.
 
     peft loads per-expert adapters (`mlp.experts.E.gate_proj.lora_A.weight`, ...) by converting them onto the
     fused expert tensors of transformers 5: `down_proj` per expert, `gate_proj` + `up_proj` fused into
-    `gate_up_proj` with rank 2r and alpha 2·alpha (checked: logits within 1e-4 of the merged model). That
-    conversion also claims every other `gate_proj`/`up_proj`/`down_proj` name, so adapters on the dense MLP
-    or the shared experts would be dropped; 2·alpha/√(2r) ≠ alpha/√r, so rslora would scale the fused
-    pair by √2; and gate without up cannot be fused. Its fused-expert layer also refuses `lora_dropout`
-    ≠ 0: dropout does not act at inference, so such an adapter records 0.0.
+    `gate_up_proj` with rank 2r and alpha 2·alpha (checked with peft 0.21 and 0.22: logits within 1e-4 of the
+    merged model). peft 0.21's conversion also claims every other `gate_proj`/`up_proj`/`down_proj` name, so
+    adapters on the dense MLP or the shared experts would be dropped; 0.22 keeps them on their linear layers.
+    So such an adapter is written where the installed peft is 0.22 or newer (or none is installed: the log
+    says which peft it needs) and refused under 0.21. With either, 2·alpha/√(2r) ≠ alpha/√r, so rslora
+    would scale the fused pair by √2, and gate without up cannot be fused. The fused-expert layer also
+    refuses `lora_dropout` ≠ 0: dropout does not act at inference, so such an adapter records 0.0.
     """
     dropout = adapters.spec.dropout
     if model_type not in PEFT_MOE_REMAPPED:
@@ -325,15 +356,20 @@ def _check_peft_moe(model_type: str, adapters: Adapters) -> float:
     names = [n for t in adapters.targets for n in t.hf_names]
     mlp = sorted(n for n in names if n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"))
     routed = {m.group(1) for m in map(ROUTED_EXPERT.search, mlp) if m}
-    misrouted = [n for n in mlp if not ROUTED_EXPERT.search(n)]
+    dense = [n for n in mlp if not ROUTED_EXPERT.search(n)]
     merged = "export the merged model instead (jaxft export RUN OUT, without --adapter)"
-    if misrouted:
+    peft = installed_peft()
+    if dense and peft is not None and peft < PEFT_KEEPS_DENSE_MLP:
         raise ValueError(
-            f"cannot write a peft adapter for {len(misrouted)} dense-MLP / shared-expert module(s) of this "
-            f"{model_type} model (e.g. {misrouted[0]}): peft's loader for transformers-5 MoE models re-targets "
-            f"every gate_proj / up_proj / down_proj name at the fused routed experts, so these adapters would be "
-            f"silently dropped. {merged[0].upper() + merged[1:]}, or train with model.lora.targets limited to "
-            f"attention and routed experts (e.g. 'self_attn\\..*|experts\\..*')")
+            f"cannot write a peft adapter for {len(dense)} dense-MLP / shared-expert module(s) of this "
+            f"{model_type} model (e.g. {dense[0]}) for the installed peft {peft[0]}.{peft[1]}: its loader for "
+            f"transformers-5 MoE models re-targets every gate_proj / up_proj / down_proj name at the fused routed "
+            f"experts, so these adapters would be silently dropped. Upgrade to peft>=0.22 (which keeps them), "
+            f"{merged}, or train with model.lora.targets limited to attention and routed experts "
+            f"(e.g. 'self_attn\\..*|experts\\..*')")
+    if dense and peft is None:
+        log.info("the adapter holds dense-MLP / shared-expert modules of %s (e.g. %s): load it with peft>=0.22 "
+                 "(0.21 drops them)", model_type, dense[0])
     if len(routed & {"gate_proj", "up_proj"}) == 1:
         raise ValueError(
             f"cannot write a peft adapter with routed-expert {sorted(routed)} but not both gate_proj and up_proj: "

@@ -11,7 +11,7 @@ import jaxft
 from jaxft.lora import LoraSpec, apply_lora, merge, save_adapter
 
 from causal_helpers import hf_logits, load_hf, max_diff, padded_batch, save_hf
-from lora_helpers import CAUSAL, TOL, _save, check_causal_lora, randomise_adapters
+from lora_helpers import CAUSAL, TOL, _peft_logits, _save, check_causal_lora, randomise_adapters
 
 
 @pytest.mark.parametrize("variant", CAUSAL)
@@ -19,12 +19,12 @@ def test_causal_lm_lora_looped(tmp_path, variant):
     check_causal_lora(tmp_path, variant, scan=False)
 
 
-def test_deepseek_all_linear_merges_and_refuses_a_misrouted_peft_adapter(tmp_path):
+def test_deepseek_all_linear_merges_and_loads_in_peft(tmp_path):
     """`all-linear` on DeepSeek adapts the dense MLP, the shared experts and every routed expert (stacked per
-    expert), never the router: the merged export matches transformers; every MoE dispatch (dense, blocks,
-    ragged_dot) gives the same logits, with adapter dropout too (the same masks per token and slot); a peft
-    adapter peft would load wrongly is refused, naming why: dense MLP / shared experts (peft's MoE loader
-    puts them on the routed experts), rslora or gate_proj without up_proj on the routed experts."""
+    expert), never the router: the merged export matches transformers and the adapter export matches peft
+    (>= 0.22; 0.21 in test_deepseek_adapter_under_peft_0_21); every MoE dispatch (dense, blocks, ragged_dot)
+    gives the same logits, with adapter dropout too (the same masks per token and slot); a peft adapter peft
+    would load wrongly is refused, naming why: rslora or gate_proj without up_proj on the routed experts."""
     import jax
     from flax import nnx
 
@@ -61,8 +61,9 @@ def test_deepseek_all_linear_merges_and_refuses_a_misrouted_peft_adapter(tmp_pat
             assert max_diff(out[impl], out["blocks"], mask) <= 1e-5, (impl, key)
     assert max_diff(out["blocks"], logits("blocks"), mask) > 1e-2, "adapter dropout had no effect"
     lora = logits("blocks")
-    with pytest.raises(ValueError, match="re-targets"):
-        save_adapter(model, adapters, tmp_path / "adapter", str(src))
+    save_adapter(model, adapters, tmp_path / "adapter", str(src))  # the installed peft (>= 0.22) keeps them all
+    plain, adapted = _peft_logits(src, tmp_path / "adapter", ids, mask)
+    assert max_diff(adapted, lora, mask) <= TOL and max_diff(adapted, plain, mask) > 1e-2
     merge(model, adapters)
     jaxft.save_pretrained(model, tmp_path / "merged")
     assert max_diff(hf_logits(load_hf(tmp_path / "merged"), ids, mask), lora, mask) <= TOL
@@ -74,6 +75,62 @@ def test_deepseek_all_linear_merges_and_refuses_a_misrouted_peft_adapter(tmp_pat
             save_adapter(model, apply_lora(model, spec), tmp_path / "refused", str(src))
         assert "merged" in str(e.value)
     assert not (tmp_path / "refused").exists()
+
+
+PEFT_021_CHECK = """
+import json, sys
+sys.path.insert(0, "tests")
+import numpy as np
+import jaxft, peft
+from jaxft.lora import LoraSpec, apply_lora, save_adapter
+from causal_helpers import max_diff, padded_batch
+from conftest import forward
+from lora_helpers import _peft_logits, _save, randomise_adapters
+from pathlib import Path
+tmp = Path(sys.argv[1])
+src = _save("deepseek-v3", tmp / "base")
+ids, mask = padded_batch()
+out = {"peft": peft.__version__}
+for name, targets in (("experts", r"self_attn\\..*|experts\\..*"), ("all-linear", "all-linear")):
+    model = jaxft.load_model(src, task="causal-lm")
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets))
+    randomise_adapters(model)
+    lora = np.asarray(forward(model, ids, attention_mask=mask))
+    try:
+        save_adapter(model, adapters, tmp / name, str(src))
+    except ValueError as e:
+        out[name] = str(e)
+        continue
+    plain, adapted = _peft_logits(src, tmp / name, ids, mask)
+    out[name] = [float(max_diff(adapted, lora, mask)), float(max_diff(adapted, plain, mask))]
+print(json.dumps(out))
+"""
+
+
+def test_deepseek_adapter_under_peft_0_21(tmp_path):
+    """Under peft 0.21 (installed beside the venv by scripts/setup.sh, put first on the path of a child
+    process), the DeepSeek adapter of attention + routed experts loads as the model computes it, and one
+    with dense MLP / shared experts (which 0.21 would drop) is refused, naming the installed peft."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import missing
+
+    old = Path(sys.prefix) / "peft-0.21.2"
+    if not (old / "peft").is_dir():
+        missing(f"{old} is absent: scripts/setup.sh installs peft 0.21.2 there (pip install --no-deps --target)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(old), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", PEFT_021_CHECK, str(tmp_path)], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["peft"] == "0.21.2"
+    diff, moved = out["experts"]
+    assert diff <= TOL and moved > 1e-2, out
+    assert "installed peft 0.21" in out["all-linear"] and "peft>=0.22" in out["all-linear"], out
 
 
 def test_all_linear_targets_match_peft(tmp_path):

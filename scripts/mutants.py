@@ -1,0 +1,96 @@
+"""Deliberate breaks and the tests that must catch them: each break is applied alone to a scratch copy of
+the tree, the named tests run there, and the break counts as caught when they fail.
+
+    .venv/bin/python scripts/mutants.py              # every break
+    .venv/bin/python scripts/mutants.py grpo peft    # the breaks whose name contains one of the words
+    .venv/bin/python scripts/mutants.py --list
+
+A break is (name, file, the exact text to change, what it becomes, the pytest ids that must fail). The text
+must occur exactly once in the file, so a refactor that moves it makes this script say so instead of
+silently testing nothing. It is a tool for developers, not part of the test suite's time budget: add an
+entry for every feature and for every test written because a break went unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Break:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+BREAKS = [
+    Break("peft: per-expert target_modules (peft 0.22 drops them)", "jaxft/lora.py",
+          'return sorted({ROUTED_EXPERT.sub(r".mlp.experts.\\1", n) for n in names})', "return names",
+          ("tests/test_lora.py::test_causal_lm_lora_looped[deepseek-v3]",)),
+    Break("peft: dense-MLP adapters written under peft 0.21", "jaxft/lora.py",
+          "if dense and peft is not None and peft < PEFT_KEEPS_DENSE_MLP:", "if False:",
+          ("tests/test_lora.py::test_deepseek_adapter_under_peft_0_21",)),
+]
+
+
+def _copy_tree(dest: Path) -> None:
+    ignore = shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info", ".pytest_cache")
+    shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
+
+
+def run_break(b: Break, scratch: Path, python: str) -> tuple[bool, str, float]:
+    """Apply `b` to a fresh copy in `scratch`, run its tests there: (caught, last lines, seconds)."""
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    _copy_tree(scratch)
+    path = scratch / b.file
+    text = path.read_text()
+    if text.count(b.old) != 1:
+        return False, f"the text to change occurs {text.count(b.old)} times in {b.file}: update this entry", 0.0
+    path.write_text(text.replace(b.old, b.new))
+    # the copy's jaxft comes first on the path, before the editable install of the real tree
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(scratch), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.time()
+    run = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
+                          *b.tests], cwd=scratch, env=env, capture_output=True, text=True)
+    tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-3:])
+    return run.returncode == 1, tail, time.time() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("words", nargs="*", help="run only the breaks whose name contains one of these")
+    ap.add_argument("--list", action="store_true", help="list the breaks and exit")
+    args = ap.parse_args(argv)
+    chosen = [b for b in BREAKS if not args.words or any(w.lower() in b.name.lower() for w in args.words)]
+    if args.list:
+        for b in chosen:
+            print(f"{b.name}\n    {b.file}: {b.old!r} -> {b.new!r}\n    must fail: {' '.join(b.tests)}")
+        return 0
+    python = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
+    missed = []
+    with tempfile.TemporaryDirectory(prefix="jaxft-mutant-") as tmp:
+        for b in chosen:
+            caught, tail, seconds = run_break(b, Path(tmp) / "tree", python)
+            print(f"{'CAUGHT' if caught else 'MISSED'}  {b.name}  ({seconds:.0f} s)\n    {tail.replace(chr(10), chr(10) + '    ')}",
+                  flush=True)
+            if not caught:
+                missed.append(b.name)
+    print(f"{len(chosen) - len(missed)} of {len(chosen)} breaks caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
