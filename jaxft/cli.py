@@ -64,7 +64,7 @@ def cmd_eval(args) -> None:
     from jaxft.hf.load import resolve
     from jaxft.train.model import load_run_model
     from jaxft.train.step import Functional, make_eval_step
-    from jaxft.train.tasks import make_task
+    from jaxft.objectives import make_task
     from jaxft.compilation import enable_persistent_cache
 
     enable_persistent_cache()
@@ -118,8 +118,8 @@ def cmd_export(args) -> None:
         return
     if run.adapters is not None:
         merge(model, run.adapters)  # base + scale·A·B: a plain model transformers loads
-    if cfg.tasks:  # a multi-task run: OUT_DIR/NAME per task (jaxft.train.multitask)
-        from jaxft.train.multitask import export_tasks
+    if cfg.tasks:  # a multi-task run: OUT_DIR/NAME per task (jaxft.objectives.multitask)
+        from jaxft.objectives.multitask import export_tasks
 
         export_tasks(model, Path(args.run_dir), out, tokenizer=tokenizer)
         print(f"exported step {step} of {args.run_dir} to {out}/{{{','.join(t.name for t in cfg.tasks)}}}")

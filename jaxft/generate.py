@@ -10,7 +10,12 @@ Two compiled programs per (batch, prompt length, max_new_tokens) shape:
 
 Positions follow `transformers` `generate`: `cumsum(attention_mask) - 1`, so a left-padded prompt sees
 the positions it would see unpadded. Greedy decoding (`temperature=0`) takes the argmax; otherwise
-logits are divided by the temperature, optionally cut to the nucleus of mass `top_p`, and sampled.
+logits are divided by the temperature, optionally cut to the `top_k` most likely tokens and to the nucleus
+of mass `top_p` (in that order, as `transformers`' logits processors), and sampled.
+
+`rollout_program(fn, ...)` is the same prefill + decode as one jitted program over a policy's parameters
+(`jaxft.train.step.Functional`): online objectives (GRPO) sample with the current parameters between train
+steps, on the training mesh, with one compiled program per prompt shape and nothing recompiled per step.
 """
 
 from __future__ import annotations
@@ -48,12 +53,17 @@ def default_eos(model: nnx.Module) -> list[int]:
     return _eos_from(getattr(model, "hf_config", {}))
 
 
-def _pick(logits: Array, key: Array, temperature: Array, top_p: Array, greedy: bool, nucleus: bool) -> Array:
+def _pick(logits: Array, key: Array, temperature: Array, top_p: Array, greedy: bool, nucleus: bool,
+          top_k: int = 0) -> Array:
     """Next token `[B]` from `logits [B, V]`: argmax, or a sample from softmax(logits / temperature)
-    restricted to the smallest set of most likely tokens whose probability reaches `top_p`."""
+    restricted to the `top_k` most likely tokens (0: all) and then to the smallest set of most likely tokens
+    whose probability reaches `top_p`."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
     if nucleus:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
@@ -64,18 +74,27 @@ def _pick(logits: Array, key: Array, temperature: Array, top_p: Array, greedy: b
 
 
 def _prefill(graphdef, state, ids, mask, positions, key, temperature, top_p, *, max_new_tokens, greedy,
-             nucleus):
-    model = nnx.merge(graphdef, state)
+             nucleus, top_k=0):
+    return _prefill_on(nnx.merge(graphdef, state), ids, mask, positions, key, temperature, top_p,
+                       max_new_tokens=max_new_tokens, greedy=greedy, nucleus=nucleus, top_k=top_k)
+
+
+def _prefill_on(model, ids, mask, positions, key, temperature, top_p, *, max_new_tokens, greedy, nucleus, top_k):
     cache = model.init_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
     logits, cache = model.decode(ids, positions, mask, cache)
-    token = _pick(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p, greedy, nucleus)
+    token = _pick(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p, greedy, nucleus, top_k)
     return token, cache
 
 
 def _decode(graphdef, state, cache, token, position, key, temperature, top_p, eos, pad, *, max_new_tokens,
-            greedy, nucleus):
+            greedy, nucleus, top_k=0):
+    return _decode_on(nnx.merge(graphdef, state), cache, token, position, key, temperature, top_p, eos, pad,
+                      max_new_tokens=max_new_tokens, greedy=greedy, nucleus=nucleus, top_k=top_k)
+
+
+def _decode_on(model, cache, token, position, key, temperature, top_p, eos, pad, *, max_new_tokens, greedy,
+               nucleus, top_k):
     """Tokens `[B, max_new_tokens]` after `token` (the prefill's pick), and how many steps ran."""
-    model = nnx.merge(graphdef, state)
     B = token.shape[0]
     out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
     done = jnp.isin(token, eos)
@@ -87,7 +106,7 @@ def _decode(graphdef, state, cache, token, position, key, temperature, top_p, eo
     def body(carry):
         i, cache, token, position, done, out = carry
         logits, cache = model.decode(token[:, None], position[:, None], jnp.ones((B, 1), bool), cache)
-        nxt = _pick(logits[:, -1], jax.random.fold_in(key, i), temperature, top_p, greedy, nucleus)
+        nxt = _pick(logits[:, -1], jax.random.fold_in(key, i), temperature, top_p, greedy, nucleus, top_k)
         nxt = jnp.where(done, pad, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         return i + 1, cache, nxt, position + 1, done | jnp.isin(nxt, eos), out
@@ -97,7 +116,7 @@ def _decode(graphdef, state, cache, token, position, key, temperature, top_p, eo
     return out, steps
 
 
-_STATIC = ("max_new_tokens", "greedy", "nucleus")
+_STATIC = ("max_new_tokens", "greedy", "nucleus", "top_k")
 _PROGRAMS: "weakref.WeakKeyDictionary[nnx.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -118,7 +137,7 @@ def programs(model: nnx.Module):
 
 
 def generate(model: nnx.Module, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, attention_mask=None,
+             top_p: float = 1.0, seed: int = 0, attention_mask=None, top_k: int = 0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
     """Generate up to `max_new_tokens` tokens after each prompt row; returns only the new ids `[B, n]`.
 
@@ -141,8 +160,8 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int = 32, temperature
         raise ValueError("every prompt row needs at least one token (attention_mask is all 0 in some row)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature ≥ 0 and 0 < top_p ≤ 1, got {temperature}, {top_p}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0, got {temperature}, {top_p}, {top_k}")
     eos = default_eos(model) if eos_token_id is None else (
         [int(eos_token_id)] if np.ndim(eos_token_id) == 0 else [int(e) for e in eos_token_id])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
@@ -150,12 +169,48 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int = 32, temperature
 
     _, state, prefill, decode = programs(model)
     key = jax.random.key(seed)
-    flags = dict(max_new_tokens=int(max_new_tokens), greedy=temperature == 0.0, nucleus=top_p < 1.0)
+    flags = dict(max_new_tokens=int(max_new_tokens), greedy=temperature == 0.0, nucleus=top_p < 1.0, top_k=int(top_k))
     t, p = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
     token, cache = prefill(state, ids, mask, positions, key, t, p, **flags)
     out, steps = decode(state, cache, token, positions[:, -1], key, t, p,
                          jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), **flags)
     return np.asarray(out)[:, : int(steps)]
+
+
+def left_pad_positions(mask: np.ndarray) -> np.ndarray:
+    """Positions of left-padded rows as `transformers` `generate` gives them: `cumsum(mask) − 1`, 0 on padding."""
+    return np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+
+
+def rollout_program(fn, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+    """`run(params, prompt_ids [B, P], prompt_mask [B, P], key, eos [E], pad) -> tokens [B, max_new_tokens]`:
+    prefill and decode as one jitted program over `fn`'s parameters (a `Functional`: trainable `params` as an
+    argument, its frozen ones closed in through `fn.frozen` at each call), traced with the mesh active so the
+    KV cache and activations take the training shardings. `temperature` 0 is greedy. Rows are left-padded
+    (`prompt_mask` 0 on the left); a row that has emitted an eos id is filled with `pad`. One compiled program
+    per prompt shape `[B, P]`: bucket prompt lengths to keep that a handful."""
+    from jaxft import parallel
+    from jaxft.compilation import jit_options
+
+    flags = dict(max_new_tokens=int(max_new_tokens), greedy=temperature == 0.0, nucleus=top_p < 1.0, top_k=int(top_k))
+    t, p = float(max(temperature, 1e-6)), float(top_p)
+
+    def rollout(params, frozen, ids, mask, key, eos, pad):
+        with parallel.activate(fn.mesh):
+            model = fn.module(params, frozen)
+            positions = jnp.where(mask, jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+            temperature, top_p = jnp.float32(t), jnp.float32(p)
+            token, cache = _prefill_on(model, ids, mask, positions, key, temperature, top_p, **flags)
+            out, _ = _decode_on(model, cache, token, positions[:, -1], key, temperature, top_p, eos, pad, **flags)
+            return out
+
+    jitted = jax.jit(rollout, **jit_options())
+
+    def run(params, ids, mask, key, eos, pad):
+        return jitted(params, fn.frozen, ids, mask, key, jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad))
+
+    run.jitted = jitted
+    return run
 
 
 def load_for_generation(model_dir: str):

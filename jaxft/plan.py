@@ -42,7 +42,7 @@ from jaxft.optim import make_optimizer
 from jaxft.models.options import RunOptions
 from jaxft.train.losses import classification_loss, make_causal_lm_loss
 from jaxft.train.model import with_adapters
-from jaxft.train.preference import REFERENCE_COLUMNS
+from jaxft.objectives.preference import REFERENCE_COLUMNS
 from jaxft.train.step import Functional, init_state, make_train_step, state_shardings
 
 log = logging.getLogger("jaxft")
@@ -205,14 +205,14 @@ def activation_bytes(fn: Functional, loss_fn, batch: dict, tensor: int, frozen_m
 
 
 def objective_loss(cfg: Config):
-    """The train loss of `cfg`'s objective (what `jaxft.train.tasks` would build), without reading data."""
+    """The train loss of `cfg`'s objective (what `jaxft.objectives` would build), without reading data."""
     objective, causal = cfg.train.objective, cfg.model.task == "causal-lm"
     if objective == "distill":
-        from jaxft.train.distill import make_causal_lm_distill_loss, make_classification_distill_loss
+        from jaxft.objectives.distill import make_causal_lm_distill_loss, make_classification_distill_loss
 
         return (make_causal_lm_distill_loss if causal else make_classification_distill_loss)(cfg.train.distill)
     if objective in PREFERENCE:
-        from jaxft.train.preference import make_preference_loss
+        from jaxft.objectives.preference import make_preference_loss
 
         return make_preference_loss(objective, cfg.train.dpo)
     return make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens) if causal else \
@@ -229,7 +229,7 @@ def second_model(cfg: Config, fn: Functional) -> tuple[Functional | None, str]:
     objective = cfg.train.objective
     if objective == "distill":
         from jaxft.hf.load import abstract_module, model_config
-        from jaxft.train.distill import Teacher
+        from jaxft.objectives.distill import Teacher
 
         m = cfg.model
         teacher = Teacher(cfg.train.distill.teacher, m.task)

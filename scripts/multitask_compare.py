@@ -7,7 +7,7 @@ with the same number of examples of it; test accuracy of each task side by side.
 1. trains the multi-task config (`tasks:`) in OUT/multi;
 2. counts the batches of each task that run drew (`jaxft.data.multitask.draw_task`, a pure function of the
    seed and the batch index) and trains each task alone in OUT/NAME for exactly that many steps, with the task's own
-   config (`jaxft.train.multitask.task_config`: same model, optimiser, batch size, seed, data fields). The
+   config (`jaxft.objectives.multitask.task_config`: same model, optimiser, batch size, seed, data fields). The
    single run's batches are then the very batches of that task the multi-task run saw, in the same order;
 3. writes OUT/compare.json and prints a table: per task, the two test accuracies and their difference.
 
@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     from jaxft.config import load_config
     from jaxft.data.multitask import draw_task
     from jaxft.train.loop import train
-    from jaxft.train.multitask import task_config
+    from jaxft.objectives.multitask import task_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "multitask_sst2_agnews.yaml"))

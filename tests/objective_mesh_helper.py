@@ -20,8 +20,8 @@ from jaxft import parallel
 from jaxft.config import DistillSection, OptimSection, PreferenceSection
 from jaxft.data.batches import to_device
 from jaxft.optim import make_optimizer
-from jaxft.train.distill import make_classification_distill_loss
-from jaxft.train.preference import make_preference_loss, reference_copy
+from jaxft.objectives.distill import make_classification_distill_loss
+from jaxft.objectives.preference import make_preference_loss, reference_copy
 from jaxft.train.step import Functional, init_state, make_train_step
 
 B, T = 8, 16

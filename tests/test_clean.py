@@ -218,7 +218,7 @@ def test_jaxft_data_cli_prints_report_and_writes_histogram(tmp_path, minilm_dir,
     assert main(["data", str(cfg), "data.clean.drop_leakage=true", "--out", str(tmp_path / "o2")]) == 0
     assert "| dropped: text also in test | 1 | 0 |" in capsys.readouterr().out
     # a training run writes the same table beside data_report.json
-    from jaxft.train.tasks import ClassificationTask
+    from jaxft.objectives.supervised import ClassificationTask
     from transformers import AutoTokenizer
 
     run2 = tmp_path / "run2"

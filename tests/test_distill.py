@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxft.config import ConfigError, DistillSection, load_config
-from jaxft.train.distill import make_causal_lm_distill_loss, make_classification_distill_loss
+from jaxft.objectives.distill import make_causal_lm_distill_loss, make_classification_distill_loss
 from jaxft.train.loop import Trainer
 
 from conftest import save_tiny_bert

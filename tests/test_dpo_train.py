@@ -23,7 +23,7 @@ from jaxft.config import OptimSection, PreferenceSection, load_config
 from jaxft.data.preference import PairBatches, build_pairs
 from jaxft.optim import make_optimizer
 from jaxft.train.loop import Trainer
-from jaxft.train.preference import _both_sides, make_preference_loss, reference_copy, sequence_logps
+from jaxft.objectives.preference import _both_sides, make_preference_loss, reference_copy, sequence_logps
 from jaxft.train.run import claim_run_dir, restore_run
 from jaxft.train.step import Functional, init_state, make_train_step
 

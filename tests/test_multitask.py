@@ -65,7 +65,7 @@ def test_loss_is_each_task_head_alone_weighted():
     import jax.numpy as jnp
     import optax
 
-    from jaxft.train.multitask import make_multitask_loss
+    from jaxft.objectives.multitask import make_multitask_loss
 
     sizes, lw = [3, 2, 4], [2.0, 1.0, 0.5]
     rng = np.random.default_rng(0)
@@ -104,7 +104,7 @@ def test_regression_rows_are_squared_error_of_their_column():
     import jax.numpy as jnp
     import optax
 
-    from jaxft.train.multitask import make_multitask_loss
+    from jaxft.objectives.multitask import make_multitask_loss
 
     sizes, lw, reg = [3, 1, 2], [1.0, 3.0, 0.5], [False, True, False]
     rng = np.random.default_rng(1)

@@ -12,7 +12,7 @@ import jaxft
 from jaxft.config import load_config
 from jaxft.data.preference import PairBatches, build_pairs
 from jaxft.data.sources import DataError
-from jaxft.train.preference import _both_sides, sequence_logps
+from jaxft.objectives.preference import _both_sides, sequence_logps
 
 from causal_helpers import build_hf
 from sft_helpers import make_tokenizer

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from jaxft.config import PreferenceSection
-from jaxft.train.preference import pair_sums
+from jaxft.objectives.preference import pair_sums
 
 B, T = 5, 12
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

@@ -107,7 +107,7 @@ def first_batches(cfg_path: Path, run: Path, *overrides: str) -> dict:
     import transformers
 
     from jaxft.config import load_config
-    from jaxft.train.tasks import make_task
+    from jaxft.objectives import make_task
 
     cfg = load_config(cfg_path, list(overrides))
     tok = transformers.AutoTokenizer.from_pretrained(cfg.model.name_or_path)

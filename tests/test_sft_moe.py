@@ -65,7 +65,7 @@ def test_aux_loss_coef_adds_coef_times_the_summed_balance_loss(tmp_path):
 def test_router_load_is_aggregated_over_the_logging_window():
     """A window's expert load comes from the tokens routed over all its steps (summed counts), not from
     one step's or an average of per-step ratios; its balance loss is the mean over the steps."""
-    from jaxft.train.tasks import CausalLMTask
+    from jaxft.objectives.supervised import CausalLMTask
 
     step1 = np.array([[6.0, 2.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])  # [layers, experts]
     step2 = np.array([[0.0, 2.0, 2.0, 4.0], [4.0, 0.0, 2.0, 2.0]])

@@ -15,9 +15,10 @@ from jaxft.config.load import apply_override, load_config, save_config
 from jaxft.config.model import LoraSection, MoESection, ModelSection
 from jaxft.config.run import Config
 from jaxft.config.train import (LOSS_CHUNK_TOKENS, OBJECTIVES, CheckpointSection, DistillSection, EarlyStopping,
-                                MeshSection, OptimSection, PreferenceSection, SamplesSection, TrainSection)
+                                GRPOSection, MeshSection, OptimSection, PreferenceSection, RewardSpec, SamplesSection,
+                                TrainSection)
 
 __all__ = ["AugmentSection", "CheckpointSection", "CleanSection", "Config", "ConfigError", "DataSection",
-           "DistillSection", "EarlyStopping", "LOSS_CHUNK_TOKENS", "LoraSection", "MeshSection", "MoESection",
-           "ModelSection", "OBJECTIVES", "OptimSection", "PreferenceSection", "SamplesSection", "SamplingSection",
+           "DistillSection", "EarlyStopping", "GRPOSection", "LOSS_CHUNK_TOKENS", "LoraSection", "MeshSection", "MoESection",
+           "ModelSection", "OBJECTIVES", "OptimSection", "PreferenceSection", "RewardSpec", "SamplesSection", "SamplingSection",
            "Section", "TaskSpec", "TrainSection", "apply_override", "load_config", "save_config"]

@@ -90,7 +90,7 @@ class DataSection(Section):
 
 
 class TaskSpec(Section):
-    """One task of a multi-task run (`tasks:`; `jaxft.train.multitask`): its data and its share of the shared head."""
+    """One task of a multi-task run (`tasks:`; `jaxft.objectives.multitask`): its data and its share of the shared head."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names the task's metrics (NAME/accuracy) and "
                       "its export folder")

@@ -97,7 +97,18 @@ class Config(Section):
                 raise ValueError("train.objective=distill needs train.distill.teacher (a model folder or run directory)")
             return self
         if self.model.task != "causal-lm":
-            raise ValueError(f"train.objective={obj} trains a causal LM on preference pairs: set model.task=causal-lm")
+            what = "with sampled completions" if obj == "grpo" else "on preference pairs"
+            raise ValueError(f"train.objective={obj} trains a causal LM {what}: set model.task=causal-lm")
+        if obj == "grpo":
+            g = self.train.grpo
+            if not g.rewards:
+                raise ValueError("train.objective=grpo needs train.grpo.rewards (at least one)")
+            if self.train.batch_size % g.num_generations:
+                raise ValueError(f"train.batch_size={self.train.batch_size} counts completions and must be a multiple "
+                                 f"of train.grpo.num_generations={g.num_generations}")
+            if self.data.packing:
+                raise ValueError("data.packing does not apply to train.objective=grpo (each row is one completion)")
+            return self
         if self.data.packing:
             raise ValueError(f"data.packing does not apply to train.objective={obj} (each row is one pair)")
         if p.label_smoothing and obj in ("ipo", "orpo"):
@@ -113,8 +124,8 @@ class Config(Section):
         es = self.train.early_stopping
         classifies = self.model.task == "sequence-classification" and not (
             self.tasks and all(t.kind == "regression" for t in self.tasks))  # regression tasks only: loss
-        metric = es.metric or ("accuracy" if classifies else "loss")
-        # a multi-task metric is TASK/NAME (jaxft.train.multitask): its mode follows NAME
+        metric = es.metric or ("accuracy" if classifies else "reward" if self.train.objective == "grpo" else "loss")
+        # a multi-task metric is TASK/NAME (jaxft.objectives.multitask): its mode follows NAME
         return metric, es.mode or ("min" if metric.rsplit("/", 1)[-1] in ("loss", "perplexity", "mse") else "max")
 
     def to_dict(self) -> dict:

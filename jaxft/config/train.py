@@ -53,7 +53,7 @@ class OptimSection(Section):
 
 
 class PreferenceSection(Section):
-    """Preference objectives (`jaxft.train.preference`); names and defaults as TRL's DPOConfig/CPOConfig/ORPOConfig."""
+    """Preference objectives (`jaxft.objectives.preference`); names and defaults as TRL's DPOConfig/CPOConfig/ORPOConfig."""
 
     beta: float = Field(0.1, gt=0, description="dpo: β of the implicit reward; ipo: τ; simpo: β; orpo: λ, the "
                         "odds-ratio weight (TRL ORPOConfig.beta)")
@@ -68,7 +68,7 @@ class PreferenceSection(Section):
 
 
 class DistillSection(Section):
-    """Knowledge distillation (`jaxft.train.distill`): the student trains on
+    """Knowledge distillation (`jaxft.objectives.distill`): the student trains on
     alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · task loss."""
 
     teacher: str | None = Field(None, description="the teacher: a model folder, package:PKG/SUBDIR, a Hub id, or "
@@ -92,7 +92,91 @@ class SamplesSection(Section):
         return self
 
 
-OBJECTIVES = ("supervised", "distill", "dpo", "ipo", "simpo", "orpo")
+class RewardSpec(Section):
+    """One reward of `train.grpo.rewards` (`jaxft.objectives.rewards`); the total reward is Σ weight · reward."""
+
+    name: str | None = Field(None, description="names the logged rewards/NAME/mean; default: the kind, or the "
+                             "function's name")
+    weight: float = Field(1.0, description="its weight in the total reward")
+    kind: Literal["exact_match", "contains", "regex", "length", "function"] = Field(
+        "function", description="exact_match / contains: the completion equals / contains a column of the data "
+        "(after `extract` and `normalize`); regex: 1 where `pattern` is found, else 0; length: −|tokens − target| "
+        "/ max_completion_length (target 0: −tokens / max_completion_length); function: `function`")
+    function: str | None = Field(None, description="kind=function: 'module:function', imported from the working "
+                                 "directory or PYTHONPATH, called as f(prompts, completions, **columns) -> list of "
+                                 "floats (TRL's reward-function signature)")
+    column: str = Field("answer", description="exact_match / contains: the column holding the answer")
+    extract: str | None = Field(None, description="exact_match / contains: a regex; its first group (else the "
+                                "whole match) of the completion is compared, no match scores 0")
+    normalize: list[Literal["strip", "lower", "last_number"]] = Field(
+        default_factory=lambda: ["strip"], description="exact_match / contains: applied in order to both sides: "
+        "strip spaces, lower-case, keep the last number of the text (commas dropped; none: no match)")
+    pattern: str | None = Field(None, description="regex: searched in the completion (re.DOTALL); anchor it "
+                                "with ^…$ for a whole-completion format")
+    target: int = Field(0, ge=0, description="length: the completion length (tokens) that costs nothing")
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "function" and not self.function:
+            raise ValueError("a reward of kind function needs function: 'module:function'")
+        if self.kind != "function" and self.function:
+            raise ValueError(f"function={self.function!r} is given but kind={self.kind}: drop one")
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("a reward of kind regex needs pattern")
+        for key in ("pattern", "extract"):
+            value = getattr(self, key)
+            if value is not None:
+                import re
+
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(f"{key}={value!r} is not a valid regular expression: {e}") from None
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function={self.function!r}: write 'module:function'")
+        return self
+
+
+class GRPOSection(Section):
+    """Group relative policy optimisation (`train.objective: grpo`, `jaxft.objectives.grpo`); names and defaults
+    as TRL 1.16's GRPOConfig."""
+
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (a group); train.batch_size "
+                                 "counts completions, so a step takes batch_size / num_generations prompts")
+    max_completion_length: int = Field(256, ge=1, description="new tokens per completion at most")
+    max_prompt_length: int | None = Field(None, ge=1, description="longer prompts are dropped (counted); default "
+                                          "data.max_length")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens; 0: all")
+    beta: float = Field(0.0, ge=0, description="weight of the KL to the reference model (the starting point; with "
+                        "LoRA the base with adapters off); 0: no reference is held or computed")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="ratio clip: [1 − epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip; default epsilon (DAPO: 0.28)")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="how per-token losses are averaged: grpo per sequence then over sequences; bnpo and "
+        "dapo over the batch's completion tokens; dr_grpo over batch rows × max_completion_length")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantages (r − group mean) divided by the group's std, the batch's, or nothing")
+    num_iterations: int = Field(1, ge=1, description="μ: optimizer steps per rollout (each on the same completions, "
+                                "with the log-probs at rollout time as the old policy)")
+    mask_truncated_completions: bool = Field(False, description="completions that reach max_completion_length "
+                                             "without an end-of-sequence token get no loss")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="the rewards, summed with their weights")
+    log_completions: int = Field(4, ge=0, description="(prompt, completion, reward) rows per logging window "
+                                 "written to RUN_DIR/rollouts.jsonl and TensorBoard")
+    eval_prompts: int | None = Field(None, ge=1, description="evaluate on the first N validation prompts only")
+
+    @model_validator(mode="after")
+    def _reward_names(self):
+        names = [r.name or (r.function.rsplit(":", 1)[-1] if r.function else r.kind) for r in self.rewards]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two rewards are named {dup[0]!r}: give each a distinct name")
+        return self
+
+
+OBJECTIVES = ("supervised", "distill", "dpo", "ipo", "simpo", "orpo", "grpo")
 
 
 class TrainSection(Section):
@@ -114,9 +198,11 @@ class TrainSection(Section):
                                    "holding [batch, length, vocab] logits; 0 = all at once")
     objective: Literal[OBJECTIVES] = Field("supervised", description="what the loss is (the model's head is "
                                            "model.task): supervised, distill (from train.distill.teacher), "
-                                           "or a preference objective on {prompt, chosen, rejected} rows")
+                                           "a preference objective on {prompt, chosen, rejected} rows, or grpo "
+                                           "(rewards of sampled completions of {prompt} rows)")
     dpo: PreferenceSection = PreferenceSection()
     distill: DistillSection = DistillSection()
+    grpo: GRPOSection = GRPOSection()
     samples: SamplesSection | None = Field(None, description="greedy generations of fixed prompts in samples.jsonl "
                                            "and TensorBoard (causal LMs)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="supervised training loss (1−ε)·CE + ε·mean over "

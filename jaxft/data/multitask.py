@@ -8,7 +8,7 @@ task's `Position`: a resumed run draws exactly the batches the uninterrupted one
 
 Why one task per batch rather than mixed batches: the padded width and the examples' lengths stay those
 of one data set (AG News rows are ~3x longer than SST-2's), the proportions hold batch by batch in
-expectation, and the shared head (`jaxft.train.multitask`) makes every task's batch the same program,
+expectation, and the shared head (`jaxft.objectives.multitask`) makes every task's batch the same program,
 so nothing compiles per task.
 """
 

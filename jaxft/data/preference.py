@@ -15,7 +15,7 @@ sequence; a pair where either side keeps no response token is dropped (counted).
 
 A batch of B pairs holds `chosen_{input_ids, attention_mask, loss_mask}` and `rejected_{...}`, each
 `[B, T]` padded to one width, plus `weights [B]` (0 for padding rows) and `example_ids`; the objective
-puts both sides through one forward pass (`jaxft.train.preference`).
+puts both sides through one forward pass (`jaxft.objectives.preference`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ each adapter draws its own mask from (step key, layer index, adapter id), so loo
 draw the same masks.
 
 Inside `adapters_off()` every adapter contributes 0: the model computes its base alone. Preference
-objectives (`jaxft.train.preference`) use it for the reference pass of a LoRA run, inside the same jitted
+objectives (`jaxft.objectives.preference`) use it for the reference pass of a LoRA run, inside the same jitted
 step, so the reference model costs no second copy of the weights.
 """
 

@@ -38,7 +38,7 @@ from jaxft.train.model import base_record, check_base, load_run_model
 from jaxft.train.run import checkpoints_of, claim_run_dir, setup_logging, start_run_log
 from jaxft.train.step import Functional, init_state, make_eval_step, make_train_step
 from jaxft.train.samples import Sampler
-from jaxft.train.tasks import make_task, param_count
+from jaxft.objectives import make_task
 
 log = logging.getLogger("jaxft")
 
@@ -143,8 +143,7 @@ class Trainer:
             self._check_resume_config(resume_meta)
         self.task = make_task(cfg, tokenizer, self.run_dir, resuming=resume is not None)
 
-        self.batches = self.task.splits["train"]
-        self.total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(self.batches)))
+        self.total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * self.task.steps_per_epoch))
         run_model = load_run_model(cfg, model_dir, self.mesh, **self.task.model_kwargs)
         self.adapters = run_model.adapters
         self.base = base_record(cfg, model_dir)  # what a LoRA checkpoint was trained on
@@ -159,7 +158,7 @@ class Trainer:
             check_base(resume_meta.get("base"), cfg, model_dir)
             restored, meta = self.ckpts.restore(resume, target)
             self.state = {"params": restored["params"], **restored["train"]}
-            self.batches.position = self.batches.position.from_json(meta["data"])  # Position or MultiPosition
+            self.task.restore_data_state(meta["data"])
             self.stopper = EarlyStopper(self.metric, mode, patience, **meta["early_stopping"])
             log.info("resumed from step %d of %s", resume, self.run_dir)
         self.step = int(resume or 0)
@@ -197,7 +196,7 @@ class Trainer:
         return m
 
     def checkpoint(self, metrics: dict | None) -> None:
-        meta = {"data": self.batches.position.to_json(), "metrics": metrics, "total_steps": self.total,
+        meta = {"data": self.task.data_state(), "metrics": metrics, "total_steps": self.total,
                 "early_stopping": self.stopper.to_json(), "config": self.cfg.to_dict(), "base": self.base}
         self.ckpts.save(self.step, self.state, meta, metrics)
 
@@ -218,6 +217,7 @@ class Trainer:
         if skipped:
             row["skipped_steps"] = len(skipped)
         self.logger.write(self.step, "train", row)
+        self.task.on_log(self.step, self.logger)
         if self.bar.disable:
             log.info("step %d/%d train: %s", self.step, self.total, _fmt(row))
         if int(host[-1]["bad_steps"]) >= self.cfg.train.max_bad_steps:
@@ -232,8 +232,9 @@ class Trainer:
     def run(self) -> dict:
         cfg, total = self.cfg, self.total
         trained, frozen = param_count(self.fn.params), param_count(self.fn.frozen)
-        log.info("training %d steps (%.2f epochs of %d batches), %d trainable parameters%s", total - self.step,
-                 (total - self.step) / len(self.batches), len(self.batches), trained,
+        per_epoch = self.task.steps_per_epoch
+        log.info("training %d steps (%.2f epochs of %d steps), %d trainable parameters%s", total - self.step,
+                 (total - self.step) / per_epoch, per_epoch, trained,
                  f" ({trained / (trained + frozen):.2%} of {trained + frozen})" if frozen else "")
         guard, poison = PreemptionGuard(), _fault_steps()
         self.compiles = CompileCounter()  # train and eval programs compiled (or read from the cache) from here on
@@ -245,7 +246,7 @@ class Trainer:
         stop, last_eval, every = False, None, cfg.checkpoint.every
         try:
             while self.step < total and not stop:
-                batch = self.batches.next()
+                batch = self.task.train_batch(self.step, self.fn, self.state["params"])
                 window.add(batch)
                 if self.step + 1 in poison:
                     batch["weights"] = np.full_like(batch["weights"], np.nan)
@@ -320,3 +321,7 @@ def train(cfg: Config) -> dict:
 
 def _fmt(m: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, (float, np.floating)) else f"{k}={v}" for k, v in m.items())
+
+
+def param_count(params: dict) -> int:
+    return sum(int(np.prod(p.shape)) for p in params.values())

@@ -17,7 +17,7 @@ Micro-batch j takes rows j, j+n, j+2n, ... of the batch, so each device's micro-
 on it (a contiguous split would move rows between devices).
 
 An objective may hold a frozen second model beside the train state (a preference objective's reference,
-`jaxft.train.preference`): a `Functional` whose variables are all frozen. Its arrays are passed to the jitted
+`jaxft.objectives.preference`): a `Functional` whose variables are all frozen. Its arrays are passed to the jitted
 steps as an argument of their own, like the model's frozen ones (never donated, never in the optimizer), and
 the loss receives the rebuilt module as a fourth argument: `loss_fn(model, batch, rng, frozen_model)`.
 """
@@ -208,6 +208,7 @@ def _with_frozen(jitted: Callable, fn: Functional, frozen_model: Functional | No
 
     call.jitted = jitted
     call.lower = lambda a, batch: jitted.lower(a, batch, frozen())
+    call.fn = fn   # the policy it runs: an online objective's evaluation samples from it
     return call
 
 

@@ -43,6 +43,7 @@ from jaxft.config import Config, ConfigError, PreferenceSection
 from jaxft.data.batches import to_device
 from jaxft.data.preference import SIDES, build_preference_data
 from jaxft.models.lora import adapters_off
+from jaxft.objectives.base import Objective
 from jaxft.train.run import write_json
 
 log = logging.getLogger("jaxft")
@@ -184,8 +185,8 @@ def reference_copy(fn):
     return Functional(fn.module(copied), trainable=lambda path, v: False)
 
 
-class PreferenceObjective:
-    """`train.objective` dpo | ipo | simpo | orpo on a causal LM: the task interface of `jaxft.train.tasks`."""
+class PreferenceObjective(Objective):
+    """`train.objective` dpo | ipo | simpo | orpo on a causal LM: the task interface of `jaxft.objectives`."""
 
     model_kwargs: dict = {}
 

@@ -36,6 +36,7 @@ import optax
 
 from jaxft.config import Config, ConfigError, DistillSection
 from jaxft.data.batches import to_device
+from jaxft.objectives.base import Objective
 from jaxft.train.evaluate import macro_f1
 
 log = logging.getLogger("jaxft")
@@ -168,13 +169,13 @@ def check_same_labels(teacher: Teacher, student_labels: list[str], student_name:
                           f"trains on {student_labels}: distillation needs the same label set in the same order")
 
 
-class DistillObjective:
+class DistillObjective(Objective):
     """`train.objective: distill`: the task of `model.task` (its data, export settings) with the distillation loss
-    and a teacher as the frozen second model (the task interface of `jaxft.train.tasks`)."""
+    and a teacher as the frozen second model (the task interface of `jaxft.objectives`)."""
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits):
         from jaxft.hf.load import read_hf_config, resolve
-        from jaxft.train.tasks import TASKS
+        from jaxft.objectives.supervised import TASKS   # (supervised imports multitask, which is fine)
 
         self.cfg, d = cfg, cfg.train.distill
         self.task = TASKS[cfg.model.task](cfg, tokenizer, run_dir, resuming, splits)

@@ -44,6 +44,7 @@ from jaxft.data import SPLITS, build_classification_data
 from jaxft.data.batches import to_device
 from jaxft.data.clean import LabelMap
 from jaxft.data.multitask import MultiTaskBatches, task_probabilities
+from jaxft.objectives.base import Objective
 from jaxft.train.evaluate import macro_f1
 from jaxft.train.run import write_json
 
@@ -119,8 +120,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(ranks(x), ranks(y))
 
 
-class MultiTaskObjective:
-    """The objective of a run with `tasks:` (picked by `jaxft.train.tasks.make_task`)."""
+class MultiTaskObjective(Objective):
+    """The objective of a run with `tasks:` (picked by `jaxft.objectives.make_task`)."""
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
         specs = cfg.tasks

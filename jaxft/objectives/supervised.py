@@ -1,19 +1,7 @@
-"""What differs between objectives and tasks, behind one small interface the loop uses:
-
-    task.splits             {"train" | "validation" | "test": Batches}
-    task.model_kwargs       extra `load_model` arguments (e.g. num_labels)
-    task.loss               the loss function (jaxft.train.losses): sums and their weight
-    task.frozen_model(start)  a frozen second model held beside the train state (a reference), or None;
-                            `start()` gives the policy's starting point as a `Functional`
-    task.train_metrics(s)   log metrics from step-metric sums over a logging window
-    task.evaluate(...)      metrics over a whole split
-    task.export_kwargs      extra `save_pretrained` arguments (labels, chat template)
-
-`train.objective` picks the class (`OBJECTIVES`): `supervised` is the model head's own loss (`TASKS`, by
-`model.task`, or several tasks on one encoder when the config lists `tasks:`, `jaxft.train.multitask`);
-distill adds a frozen teacher's soft labels to it (`jaxft.train.distill`); dpo, ipo, simpo and orpo train a
-causal LM on preference pairs (`jaxft.train.preference`).
-"""
+"""Supervised objectives: the loss of the model's own head. `ClassificationTask` (sequence classification,
+cross-entropy against the label) and `CausalLMTask` (next-token cross-entropy on the trained tokens), picked by
+`model.task`; several classification/regression tasks on one encoder when the config lists `tasks:`
+(`jaxft.objectives.multitask`)."""
 
 from __future__ import annotations
 
@@ -30,23 +18,14 @@ from jaxft.data.report import write_report_md
 from jaxft.train.evaluate import evaluate_classification
 from jaxft.models.moe import RouterStats, router_metrics
 from jaxft.train.losses import classification_loss, make_causal_lm_loss, make_classification_loss
-from jaxft.train.distill import DistillObjective
-from jaxft.train.multitask import MultiTaskObjective
-from jaxft.train.preference import PreferenceObjective
+from jaxft.objectives.base import Objective
+from jaxft.objectives.multitask import MultiTaskObjective
 from jaxft.train.run import read_labels, write_json
 
 log = logging.getLogger("jaxft")
 
 
-class Supervised:
-    """Supervised objectives: the loss of the model's head, no second model."""
-
-    @staticmethod
-    def frozen_model(start):
-        return None
-
-
-class ClassificationTask(Supervised):
+class ClassificationTask(Objective):
     loss = staticmethod(classification_loss)
     eval_loss = staticmethod(classification_loss)  # plain CE, whatever train.label_smoothing is
 
@@ -72,7 +51,7 @@ class ClassificationTask(Supervised):
         return evaluate_classification(eval_step, params, self.splits[split], mesh, len(self.label_map))
 
 
-class CausalLMTask(Supervised):
+class CausalLMTask(Objective):
     model_kwargs: dict = {}
 
     def __init__(self, cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
@@ -115,17 +94,3 @@ TASKS = {"sequence-classification": ClassificationTask, "causal-lm": CausalLMTas
 def supervised(cfg: Config, *args):
     """The model head's own loss: the task of `model.task`, or of several tasks on one encoder (`tasks:`)."""
     return MultiTaskObjective(cfg, *args) if cfg.tasks else TASKS[cfg.model.task](cfg, *args)
-
-
-OBJECTIVES = {"supervised": supervised, "distill": DistillObjective,
-              **{kind: PreferenceObjective for kind in ("dpo", "ipo", "simpo", "orpo")}}
-
-
-def make_task(cfg: Config, tokenizer, run_dir: Path, resuming: bool, splits=SPLITS):
-    """The objective of `cfg.train.objective` (for `supervised`, the task of `cfg.model.task`) with its data
-    built; `splits` limits which splits are read."""
-    return OBJECTIVES[cfg.train.objective](cfg, tokenizer, run_dir, resuming, splits)
-
-
-def param_count(params: dict) -> int:
-    return sum(int(np.prod(p.shape)) for p in params.values())
