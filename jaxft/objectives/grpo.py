@@ -101,6 +101,7 @@ class GRPOObjective(Objective):
         self.buffer: dict | None = None       # the batch of the current rollout, reused for μ steps
         self.served = -1                       # the last step (0-based) a batch was handed out for
         self.window: list[dict] = []           # per-rollout host metrics since the last log
+        self.last_window: list[dict] = []      # the latest rollout's, for a window that made none
         self.shown: list[dict] = []            # rows for rollouts.jsonl since the last log
         self.programs: dict = {}
 
@@ -142,12 +143,14 @@ class GRPOObjective(Objective):
         state = {"prompts": self.splits["train"].position.to_json(), "rollout": None}
         if (self.served + 1) % self.g.num_iterations and self.buffer is not None:
             state["rollout"] = _pack(self.buffer)   # a checkpoint inside a rollout's μ steps keeps its batch
+            state["rollout_metrics"] = (self.window or self.last_window)[-1:]   # and what its steps log
         return state
 
     def restore_data_state(self, saved: dict) -> None:
         train = self.splits["train"]
         train.position = train.position.from_json(saved["prompts"])
         self.buffer = _unpack(saved["rollout"]) if saved.get("rollout") else None
+        self.last_window = saved.get("rollout_metrics") or []
 
     # -- rollouts -----------------------------------------------------------------------------------------------
 
@@ -237,10 +240,12 @@ class GRPOObjective(Objective):
         tokens = max(float(s["completion_tokens"]), 1.0)
         out = {"loss": s["loss"] / n_steps, "grad_norm": s["grad_norm"] / n_steps,
                **{k: s[k] / tokens for k in CLIP_METRICS + (("kl",) if self.g.beta else ())}}
-        if self.window:
-            out.update({k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]})
-            out["rollouts"] = len(self.window)
-        self.window = []
+        # rollout metrics: the mean over the window's rollouts, else (μ > 1) those of the rollout trained on
+        window = self.window or self.last_window
+        if window:
+            out.update({k: float(np.mean([w[k] for w in window])) for k in window[0]})
+        out["rollouts"] = len(self.window)
+        self.last_window, self.window = window[-1:], []
         return out
 
     def on_log(self, step: int, logger) -> None:
