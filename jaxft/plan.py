@@ -110,6 +110,9 @@ class MemoryPlan:
         ]
         if self.method == "compiled":
             lines.append(f"  XLA temporaries   {_gib(d['xla_temp'])}   (activations, gradients, workspace)")
+        if "rollout_kv_cache" in d:
+            lines.append(f"  rollout KV cache  {_gib(d['rollout_kv_cache'])}   (GRPO sampling, between steps: beside "
+                         f"parameters and optimizer state, not the step's temporaries)")
         lines.append(f"  peak              {_gib(d['peak'])}   ({'XLA' if self.method == 'compiled' else 'sum above'})")
         fits = self.fits()
         lines.append("fits         " + ", ".join(
@@ -145,7 +148,8 @@ def abstract_model(cfg: Config) -> tuple[nnx.Module, str]:
 
 
 def batch_shapes(task: str, batch: int, length: int, packing: bool = False,
-                 objective: str = "supervised", reference_logps: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+                 objective: str = "supervised", reference_logps: bool = False,
+                 old_logps: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
     """The arrays of one batch of `task` under `objective` (what `jaxft.data` produces), as shapes;
     `reference_logps`: the pairs carry precomputed reference log-probs (`train.dpo.precompute_reference`)."""
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
@@ -155,6 +159,10 @@ def batch_shapes(task: str, batch: int, length: int, packing: bool = False,
                 for k in ("input_ids", "attention_mask", "loss_mask")} | \
             {k: jax.ShapeDtypeStruct((batch,), jnp.float32) for k in per_pair}
     out = {"input_ids": tokens, "attention_mask": tokens, "weights": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+    if objective == "grpo":   # prompt + completion rows (jaxft.objectives.grpo)
+        out["advantages"] = jax.ShapeDtypeStruct((batch,), jnp.float32)
+        if old_logps:
+            out["old_logps"] = jax.ShapeDtypeStruct((batch, length), jnp.float32)
     if task == "causal-lm":
         out["loss_mask"] = tokens
         if packing:
@@ -215,6 +223,10 @@ def objective_loss(cfg: Config):
         from jaxft.objectives.preference import make_preference_loss
 
         return make_preference_loss(objective, cfg.train.dpo)
+    if objective == "grpo":
+        from jaxft.objectives.grpo_loss import make_grpo_loss
+
+        return make_grpo_loss(cfg.train.grpo, cfg.train.loss_chunk_tokens)
     return make_causal_lm_loss(cfg.model.moe.aux_loss_coef, cfg.train.loss_chunk_tokens) if causal else \
         classification_loss
 
@@ -238,9 +250,35 @@ def second_model(cfg: Config, fn: Functional) -> tuple[Functional | None, str]:
         num_labels = teacher.num_labels if m.task == "sequence-classification" else None
         _, family, mcfg = model_config(teacher.folder, m.task, options, num_labels)
         return Functional(abstract_module(family.modules[m.task], mcfg), trainable=lambda path, v: False), "teacher"
-    if objective in ("dpo", "ipo") and cfg.model.lora.rank is None and not cfg.train.dpo.precompute_reference:
+    full_reference = (objective in ("dpo", "ipo") and not cfg.train.dpo.precompute_reference) or (
+        objective == "grpo" and cfg.train.grpo.beta > 0)
+    if full_reference and cfg.model.lora.rank is None:
         return Functional(fn.module(fn.params, fn.frozen), trainable=lambda path, v: False), "reference"
     return None, ""
+
+
+def train_length(cfg: Config) -> int:
+    """The token length of a training row: `data.max_length`, or for GRPO the prompt bucket (the longest prompt,
+    `train.grpo.max_prompt_length` or `data.max_length`, rounded up to `data.pad_to_multiple_of`) plus the
+    completion."""
+    if cfg.train.objective != "grpo":
+        return cfg.data.max_length
+    g, m = cfg.train.grpo, cfg.data.pad_to_multiple_of
+    return -(-(g.max_prompt_length or cfg.data.max_length) // m) * m + g.max_completion_length
+
+
+def rollout_cache_bytes(model, cfg: Config, mesh) -> int:
+    """Per device: the KV cache of a GRPO rollout, `batch_size` rows of `train_length` positions (every layer's
+    keys and values in the compute dtype), its rows split over the data-parallel devices and its heads over
+    `tensor` where they divide."""
+    dp, tensor = parallel.data_parallel_size(mesh), int(mesh.shape["tensor"])
+    rows, length = -(-cfg.train.batch_size // dp), train_length(cfg)
+    itemsize = jnp.dtype(cfg.model.dtype).itemsize
+    total = 0
+    for shapes in model.kv_shapes():
+        for heads, dim in shapes:
+            total += rows * length * (heads // tensor if heads % tensor == 0 else heads) * dim * itemsize
+    return total
 
 
 def resolve_mesh(sizes: dict[str, int], local: int, devices: int | None):
@@ -272,7 +310,7 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     local = jax.device_count()
     mesh, described = resolve_mesh(cfg.mesh.model_dump(), local, devices)
     dp = parallel.data_parallel_size(mesh)
-    B, accum, T = cfg.train.batch_size, cfg.train.grad_accum, cfg.data.max_length
+    B, accum, T = cfg.train.batch_size, cfg.train.grad_accum, train_length(cfg)
     if B % (dp * accum):
         raise ValueError(f"train.batch_size={B} must be divisible by the data-parallel devices ({dp}) × "
                          f"train.grad_accum ({accum}) = {dp * accum}")
@@ -288,7 +326,8 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
         raise ValueError(f"data.max_length={T} must be divisible by mesh.sequence={sp}")
     # one device's share of a micro-batch: its rows and, under a `sequence` axis, its slice of their tokens
     micro = batch_shapes(cfg.model.task, B // (dp * accum), T // sp, cfg.data.packing, cfg.train.objective,
-                         cfg.train.dpo.precompute_reference)
+                         cfg.train.dpo.precompute_reference,
+                         cfg.train.grpo.num_iterations > 1)
     adapter_count = sum(math.prod(v.shape) for k, v in fn.params.items() if ".lora." in k)
     trained = sharded_bytes(fn.params, shard["params"])
     # bytes of the base (frozen) weights per base parameter: 4 float32, 2 bfloat16, ~1 int8, ~0.5 nf4
@@ -301,6 +340,8 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     d["gradients"] = trained * (2 if accum > 1 else 1)
     d["activations"] = activation_bytes(fn, loss, micro, mesh.shape["tensor"], second)
     d["peak"] = d["params"] + d["opt_state"] + d["gradients"] + d["activations"]
+    if cfg.train.objective == "grpo":   # sampling runs between steps: its cache is not live during the update
+        d["rollout_kv_cache"] = rollout_cache_bytes(model, cfg, mesh)
     if second is not None:
         second_shard = {k: parallel.sharding(second.axes[k], v.shape, mesh) for k, v in second.frozen.items()}
         d["second_model"] = sharded_bytes(second.frozen, second_shard)
@@ -312,7 +353,8 @@ def plan(cfg: Config, devices: int | None = None, compile: bool = True) -> Memor
     if not described and compile:
         fn.frozen = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=frozen_shard[k]) for k, v in fn.frozen.items()}
         full_batch = batch_shapes(cfg.model.task, B, T, cfg.data.packing, cfg.train.objective,
-                                  cfg.train.dpo.precompute_reference)
+                                  cfg.train.dpo.precompute_reference,
+                         cfg.train.grpo.num_iterations > 1)
         stats = compiled_memory(fn, tx, lr, loss, mesh, shard, full_batch, accum, second)
         d["xla_arguments"], d["xla_temp"] = int(stats.argument_size_in_bytes), int(stats.temp_size_in_bytes)
         d["peak"] = int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
@@ -369,8 +411,9 @@ def preflight(cfg: Config, fn: Functional, state: dict, mesh, loss, device=None,
     held, grads = local(state) + local(fn.frozen) + local(second), local(state["params"])
     dp, accum = parallel.data_parallel_size(mesh), cfg.train.grad_accum
     sp = parallel.sequence_parallel_size(mesh)
-    micro = batch_shapes(cfg.model.task, cfg.train.batch_size // (dp * accum), cfg.data.max_length // sp,
-                         cfg.data.packing, cfg.train.objective, cfg.train.dpo.precompute_reference)
+    micro = batch_shapes(cfg.model.task, cfg.train.batch_size // (dp * accum), train_length(cfg) // sp,
+                         cfg.data.packing, cfg.train.objective, cfg.train.dpo.precompute_reference,
+                         cfg.train.grpo.num_iterations > 1)
     acts = activation_bytes(fn, loss, micro, mesh.shape["tensor"], frozen_model)
     peak = held + grads * (2 if accum > 1 else 1) + acts
     log.info("memory per device (estimate): state %.2f GiB + gradients %.2f GiB + activations %.2f GiB = %.2f GiB "

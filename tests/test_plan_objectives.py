@@ -66,3 +66,22 @@ def test_batch_shapes_follow_the_objective():
     assert set(batch_shapes("causal-lm", 2, 8, objective="distill")) == set(batch_shapes("causal-lm", 2, 8))
     pairs = batch_shapes("causal-lm", 2, 8, objective="orpo")
     assert {"chosen_input_ids", "rejected_loss_mask"} <= set(pairs) and math.prod(pairs["weights"].shape) == 2
+
+
+def test_grpo_counts_the_rollout_cache_and_its_reference(llama_run):
+    """GRPO rows are the prompt bucket plus the completion; the rollout's KV cache is every layer's keys and
+    values for them (float32 here); a reference copy is held only with β > 0 and full fine-tuning; μ > 1 reads
+    the stored old log-probs."""
+    grpo = ["train.objective=grpo", "train.grpo.num_generations=2", "train.grpo.max_completion_length=12",
+            "train.grpo.max_prompt_length=20", "train.grpo.rewards=[{kind: length}]"]   # bucket 32 at multiples of 16
+    plans = {name: plan(load_config(llama_run, grpo + extra)) for name, extra in {
+        "plain": [], "kl": ["train.grpo.beta=0.04"], "kl-lora": ["train.grpo.beta=0.04", "model.lora.rank=4"],
+        "mu2": ["train.grpo.num_iterations=2"]}.items()}
+    plain = plans["plain"]
+    assert plain.batch["length"] == 32 + 12
+    layers, kv_heads, head_dim = 2, 2, 32 // 4
+    assert plain.per_device["rollout_kv_cache"] == 4 * 44 * layers * 2 * kv_heads * head_dim * 4
+    assert "rollout KV cache" in plain.report()
+    assert "second_model" not in plain.per_device and "second_model" not in plans["kl-lora"].per_device
+    assert plans["kl"].per_device["second_model"] == plain.per_device["params"]
+    assert plans["mu2"].per_device["xla_arguments"] - plain.per_device["xla_arguments"] == 4 * 44 * 4
