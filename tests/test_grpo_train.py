@@ -56,6 +56,21 @@ train:
     return [str(tmp / "grpo.yaml")]
 
 
+FLAKY_MODULE = REWARD_MODULE + '''
+import os
+calls = 0
+
+
+def flaky(prompts, completions, **columns):
+    """d_share, but its third call raises while FLAKY_FAIL is set."""
+    global calls
+    calls += 1
+    if calls == 3 and os.environ.get("FLAKY_FAIL"):
+        raise ZeroDivisionError("the grader crashed")
+    return d_share(prompts, completions)
+'''
+
+
 def rows_of(run: Path, split: str) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
@@ -138,3 +153,29 @@ def test_grpo_on_a_mesh_equals_one_device(tmp_path):
     for k in ("loss", "reward", "kl", "grad_norm"):
         np.testing.assert_allclose([r[k] for r in many], [r[k] for r in one], rtol=1e-4, atol=1e-6, err_msg=k)
     assert len({round(r["reward"], 6) for r in one}) > 1   # the rollouts differ from step to step
+
+
+@pytest.mark.slow
+def test_a_failing_reward_keeps_the_work_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """A reward function raising at step 3: exit 2 naming the reward and the error, the two steps trained are
+    checkpointed, and re-running once the grader is fixed resumes from them and ends where a run that never
+    failed ends, bit for bit (the failed rollout's prompts were put back)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = setup_run(tmp_path) + ["optim.lr=0.01", "train.steps=4", "train.log_every=1",
+                                    "train.grpo.rewards=[{function: 'grpo_flaky_mod:flaky'}]"]
+    (tmp_path / "grpo_flaky_mod.py").write_text(FLAKY_MODULE)
+    assert main(["train", *common, f"output_dir={tmp_path / 'straight'}"]) == 0
+    importlib.reload(importlib.import_module("grpo_flaky_mod"))
+    monkeypatch.setenv("FLAKY_FAIL", "1")
+    run = tmp_path / "failed"
+    capsys.readouterr()
+    assert main(["train", *common, f"output_dir={run}"]) == 2
+    assert "error: reward 'flaky' raised ZeroDivisionError: the grader crashed" in capsys.readouterr().err
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    assert "the 2 steps trained so far are checkpointed" in (run / "train.log").read_text()
+    monkeypatch.delenv("FLAKY_FAIL")
+    assert main(["train", *common, f"output_dir={run}"]) == 0
+    a, b = export_tensors(tmp_path / "straight", tmp_path / "a"), export_tensors(run, tmp_path / "b")
+    assert all(np.array_equal(a[k], b[k]) for k in a)

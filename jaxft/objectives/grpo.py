@@ -185,7 +185,16 @@ class GRPOObjective(Objective):
         return score(self.rewards, prompts, completions, columns), prompts, texts
 
     def rollout(self, index: int, fn, params) -> dict:
-        """Sample, score and batch rollout `index` (its key: the seed and the index)."""
+        """Sample, score and batch rollout `index` (its key: the seed and the index). If it fails (a reward
+        function raising), the prompts it drew are put back, so a checkpoint then resumes exactly."""
+        position = self.splits["train"].position
+        try:
+            return self._rollout(index, fn, params)
+        except BaseException:
+            self.splits["train"].position = position
+            raise
+
+    def _rollout(self, index: int, fn, params) -> dict:
         g, G = self.g, self.g.num_generations
         t0 = time.perf_counter()
         jax.block_until_ready(params)   # the previous steps' updates: timed apart from sampling

@@ -32,8 +32,8 @@ from jaxft.config import ConfigError, RewardSpec
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-class RewardError(RuntimeError):
-    """A reward function failed; the message names it."""
+class RewardError(ValueError):
+    """A reward function failed; the message names it (the command exits 2 after checkpointing the run)."""
 
 
 def completion_text(completion) -> str:

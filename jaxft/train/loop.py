@@ -200,6 +200,20 @@ class Trainer:
                 "early_stopping": self.stopper.to_json(), "config": self.cfg.to_dict(), "base": self.base}
         self.ckpts.save(self.step, self.state, meta, metrics)
 
+    def next_batch(self) -> dict:
+        """The objective's batch for the next step. If making it fails (an online objective's reward function
+        raising, say), the state trained so far is checkpointed before the error propagates: a re-run resumes."""
+        try:
+            return self.task.train_batch(self.step, self.fn, self.state["params"])
+        except Exception:
+            self.ckpts.wait()
+            if self.step and self.ckpts.latest_step() != self.step:
+                self.checkpoint(None)
+                self.ckpts.wait()
+                log.error("step %d could not be prepared: the %d steps trained so far are checkpointed; fix the "
+                          "cause and re-run the same command to resume", self.step + 1, self.step)
+            raise
+
     def log_window(self, pending: list, ids: list, window: "Window") -> None:
         """Reduce the window's step metrics (one host sync), write them, react to bad steps."""
         host = jax.device_get(pending)
@@ -246,7 +260,7 @@ class Trainer:
         stop, last_eval, every = False, None, cfg.checkpoint.every
         try:
             while self.step < total and not stop:
-                batch = self.task.train_batch(self.step, self.fn, self.state["params"])
+                batch = self.next_batch()
                 window.add(batch)
                 if self.step + 1 in poison:
                     batch["weights"] = np.full_like(batch["weights"], np.nan)
