@@ -41,6 +41,18 @@ def check_model(name_or_path: str, task: str | None = None) -> None:
         get_family(model_type, task or (next(iter(FAMILIES[model_type].modules)) if model_type in FAMILIES else ""))
     except ValueError as e:
         raise ValueError(f"{folder / 'config.json'}: {e}") from None
+def local_model_folder(name_or_path: str) -> Path | None:
+    """The folder of a local (or packaged) model, None for a Hub id (never downloaded here) or a missing one."""
+    from jaxft.hf.load import resolve
+
+    name = str(name_or_path)
+    if name.startswith("package:"):
+        try:
+            return resolve(name)
+        except (FileNotFoundError, TypeError):
+            return None
+    path = Path(name).expanduser()
+    return path if path.is_dir() else None
 
 
 def cmd_train(args) -> None:
@@ -100,8 +112,7 @@ def cmd_export(args) -> None:
     check_export_target(out, args.overwrite, keep=(args.run_dir,))  # before anything is loaded
     setup_logging()
     cfg = run_config(args.run_dir)
-    base = Path(cfg.model.name_or_path).expanduser()
-    check_export_target(out, args.overwrite, keep=(args.run_dir, base if base.is_dir() else None))
+    check_export_target(out, args.overwrite, keep=(args.run_dir, local_model_folder(cfg.model.name_or_path)))
     check_model(cfg.model.name_or_path, cfg.model.task)
     run = restore_run(args.run_dir, cfg)
     model, labels, step = run.model, run.labels, run.step
@@ -112,8 +123,14 @@ def cmd_export(args) -> None:
     template = chat_template(cfg)
     if template:  # export the chat template training used, so serving formats prompts the same way
         tokenizer.chat_template = template
-    if args.adapter:
-        save_adapter(model, run.adapters, out, cfg.model.name_or_path, tokenizer=tokenizer)
+    if args.adapter:  # staged as `save_pretrained` is: OUT is replaced as a whole, never written into
+        import jax
+        from contextlib import nullcontext
+
+        from jaxft.hf.files import staged_folder
+
+        with staged_folder(out) if jax.process_index() == 0 else nullcontext(out) as folder:
+            save_adapter(model, run.adapters, folder, cfg.model.name_or_path, tokenizer=tokenizer)
         print(f"exported the LoRA adapter of step {step} of {args.run_dir} to {out} (peft format)")
         return
     if run.adapters is not None:

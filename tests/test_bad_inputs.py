@@ -312,6 +312,14 @@ CASES = [
      ["export target {tmp}/snapshot holds symbolic links"]),
     ("export-target-is-the-run", lambda c: ["export", c.w.run, c.w.run, "--overwrite"], ["would replace {run}"]),
     ("export-target-is-the-base-model", lambda c: ["export", c.w.run, c.w.model, "--overwrite"], ["would replace {model}"]),
+    ("export-target-inside-the-run", lambda c: ["export", c.w.run, c.w.run / "checkpoints", "--overwrite"],
+     ["export target {run}/checkpoints lies inside the jaxft run directory {run}"]),
+    ("export-target-inside-another-run", lambda c: ["export", c.w.run, c.run() / "hf"],
+     ["export target {tmp}/run/hf lies inside the jaxft run directory {tmp}/run"]),
+    ("export-target-is-another-run", lambda c: ["export", c.w.run, c.run(), "--overwrite"],
+     ["export target {tmp}/run is the jaxft run directory {tmp}/run"]),
+    ("export-target-holds-a-run", lambda c: ["export", c.w.run, c.run().parent, "--overwrite"],
+     ["export target {tmp} holds the jaxft run directory {tmp}/run"]),
     # plan
     ("plan-zero-devices", lambda c: ["plan", c.w.cfg, "--devices", "0"], ["--devices", "0 devices"]),
     ("plan-negative-devices", lambda c: ["plan", c.w.cfg, "--devices", "-4"], ["--devices", "-4 devices"]),
@@ -420,6 +428,33 @@ def test_failed_export_keeps_the_previous_one(w, tmp_path, monkeypatch):
         cli(["export", w.run, out, "--overwrite"])
     assert snapshot([out]) == before
     assert not list(tmp_path.glob(".export.jaxft-*"))
+
+
+def test_adapter_export_replaces_the_whole_folder(w, tmp_path, monkeypatch):
+    """`export --adapter --overwrite` is staged as the full export is: a failed adapter export leaves the
+    previous folder as it was, and a finished one leaves no stale file of it (here: the full export's weights)."""
+    import safetensors.numpy
+
+    run = tmp_path / "lora"
+    assert cli(["train", w.cfg, f"output_dir={run}", "model.lora.rank=2", "train.steps=1", "train.eval_every=1"]) == 0
+    assert cli(["export", run, tmp_path / "fresh", "--adapter"]) == 0
+    out = tmp_path / "out"
+    shutil.copytree(w.export, out)
+    before = snapshot([out])
+    real = safetensors.numpy.save_file
+
+    def fail_after_writing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # as a Ctrl-C (or a full disk) in the middle of the export
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", fail_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        cli(["export", run, out, "--adapter", "--overwrite"])
+    assert snapshot([out]) == before
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    assert cli(["export", run, out, "--adapter", "--overwrite"]) == 0
+    assert export_files(out) == export_files(tmp_path / "fresh") and "model.safetensors" not in export_files(out)
+    assert not list(tmp_path.glob(".out.jaxft-*"))
 
 
 def test_stray_step_folder_and_cut_metrics_line(w, tmp_path, capfd, caplog):

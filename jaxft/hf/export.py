@@ -193,11 +193,18 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, tokenizer=Non
     return out
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder holding a jaxft run: its `config.yaml` and `checkpoints/`."""
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
 def check_export_target(out: str | os.PathLike, overwrite: bool, keep: tuple = ()) -> None:
     """Refuse, naming the path, an export target that cannot be (re)placed safely: a file, a symbolic link
     or a folder holding links (a Hugging Face cache snapshot links into shared blobs), a non-empty folder
-    without `overwrite`, or a folder that is or holds one of `keep` (the run being exported, its base model).
-    An accepted target is replaced as a whole (`jaxft.hf.files.staged_folder`), never written into."""
+    without `overwrite`, a folder that is or holds one of `keep` (the run being exported, its base model),
+    and a folder that is, lies inside or holds a jaxft run directory (`is_run_dir`: `RUN/checkpoints` would
+    be replaced by the export). An accepted target is replaced as a whole (`jaxft.hf.files.staged_folder`),
+    never written into."""
     out = Path(out)
     if out.is_symlink():
         raise ValueError(f"export target {out} is a symbolic link (to {os.readlink(out)}); jaxft never writes "
@@ -211,7 +218,14 @@ def check_export_target(out: str | os.PathLike, overwrite: bool, keep: tuple = (
         if path is not None and Path(path).exists() and (
                 out.resolve() == Path(path).resolve() or out.resolve() in Path(path).resolve().parents):
             raise ValueError(f"export target {out} would replace {path}, which the export reads; choose another "
-                             f"folder (e.g. {Path(path) / 'export'} for a run)")
+                             f"folder (e.g. {_sibling(path)})")
+    spelled, real = Path(os.path.abspath(out)), out.resolve()  # as given (`..` folded), and through links
+    run = next((d for t in (spelled, real) for d in (t, *t.parents) if is_run_dir(d)), None)
+    if run is not None:
+        where = "is the jaxft run directory" if run in (spelled, real) else "lies inside the jaxft run directory"
+        raise ValueError(f"export target {out} {where} {run} (it holds config.yaml and checkpoints/): the export "
+                         f"replaces its target as a whole and would destroy the run's files; export to a folder "
+                         f"outside the run (e.g. {_sibling(run)})")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
@@ -222,6 +236,16 @@ def check_export_target(out: str | os.PathLike, overwrite: bool, keep: tuple = (
         raise ValueError(f"export target {out} holds symbolic links ({link} → {os.readlink(link)}), as a Hugging "
                          f"Face cache snapshot does: its files are shared blobs, so jaxft will not replace it; "
                          f"export to another folder")
+    held = next((p.parent for p in out.rglob("config.yaml") if is_run_dir(p.parent)), None)
+    if held is not None:
+        raise ValueError(f"export target {out} holds the jaxft run directory {held} (config.yaml and checkpoints/): "
+                         f"replacing {out} would delete that run; export to another folder")
+
+
+def _sibling(path) -> Path:
+    """`PATH-export` beside `path`: the folder an export refused at `path` is pointed to."""
+    path = Path(os.path.abspath(path))
+    return path.with_name(path.name + "-export")
 
 
 def generation_config(model: nnx.Module, hf, tokenizer=None, overrides: dict | None = None):
