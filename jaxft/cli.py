@@ -20,10 +20,16 @@ from pathlib import Path
 USER_ERRORS = (ValueError, KeyError, OSError, ImportError)
 
 
-def check_model(name_or_path: str, task: str | None = None) -> None:
+# The config.json field that sizes a family's learned position table, and transformers' default for it. A batch
+# longer than the table reads past it: non-finite losses, the step skipped. Rotary families have no table.
+LEARNED_POSITIONS = {"gpt2": ("n_positions", 1024), "bert": ("max_position_embeddings", 512)}
+
+
+def check_model(name_or_path: str, task: str | None = None, data=None) -> None:
     """A local (or packaged) model folder with a broken config.json or weight index, or of a model type
-    (and task) jaxft has no module for, fails here naming the file, before `transformers` reads it; Hub
-    ids are left to the download."""
+    (and task) jaxft has no module for, fails here naming the file, before `transformers` reads it; so does
+    `data` (the `data:` section) padding every batch to a `data.max_length` longer than the model's learned
+    position table (`LEARNED_POSITIONS`). Hub ids are left to the download."""
     from jaxft.hf.files import check_model_folder, read_json_object
     from jaxft.hf.load import resolve
     from jaxft.models import FAMILIES, get_family
@@ -36,11 +42,22 @@ def check_model(name_or_path: str, task: str | None = None) -> None:
     except TypeError as e:  # importlib: `package:os/x` names a module that is not a package
         raise FileNotFoundError(f"model {name}: {e}") from None
     check_model_folder(folder)
-    model_type = read_json_object(folder / "config.json", "model config")["model_type"]
+    hf = read_json_object(folder / "config.json", "model config")
+    model_type = hf["model_type"]
     try:  # an unknown model_type fails whatever the task
         get_family(model_type, task or (next(iter(FAMILIES[model_type].modules)) if model_type in FAMILIES else ""))
     except ValueError as e:
         raise ValueError(f"{folder / 'config.json'}: {e}") from None
+    field, default = LEARNED_POSITIONS.get(model_type, (None, None))
+    positions = hf.get(field, default) if field else None
+    if data is not None and data.padding == "max_length" and isinstance(positions, int) \
+            and data.max_length > positions:
+        raise ValueError(f"data.max_length={data.max_length} (data.padding=max_length) is longer than the model's "
+                         f"{field}={positions} ({folder / 'config.json'}): every batch would be {data.max_length} "
+                         f"tokens long, and {model_type} learns one embedding per position, so it would read past "
+                         f"its position table; set data.max_length={positions} or less")
+
+
 def local_model_folder(name_or_path: str) -> Path | None:
     """The folder of a local (or packaged) model, None for a Hub id (never downloaded here) or a missing one."""
     from jaxft.hf.load import resolve
@@ -60,7 +77,7 @@ def cmd_train(args) -> None:
     from jaxft.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    check_model(cfg.model.name_or_path, cfg.model.task)
+    check_model(cfg.model.name_or_path, cfg.model.task, cfg.data)
     summary = train(cfg)
     print(json.dumps(summary, indent=2, default=str))
     for split in ("eval", "test"):
@@ -85,7 +102,7 @@ def cmd_eval(args) -> None:
     if not run:
         raise ConfigError("jaxft eval needs checkpoint=RUN_DIR")
     cfg = load_config(args.config, overrides)
-    check_model(cfg.model.name_or_path, cfg.model.task)
+    check_model(cfg.model.name_or_path, cfg.model.task, cfg.data)
     parallel.initialize_from_config(cfg.mesh)
     setup_logging()
     mesh = parallel.make_mesh(cfg.mesh.model_dump())
@@ -170,7 +187,7 @@ def cmd_plan(args) -> None:
     from jaxft.plan import plan
 
     cfg = load_config(args.config, args.overrides)
-    check_model(cfg.model.name_or_path, cfg.model.task)
+    check_model(cfg.model.name_or_path, cfg.model.task, cfg.data)
     result = plan(cfg, devices=args.devices, compile=not args.analytic)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
 

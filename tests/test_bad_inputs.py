@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, save_tiny_bert
-from sft_helpers import save_tiny_llama
+from sft_helpers import make_tokenizer, save_tiny_llama
 from jaxft.cli import main
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot"]
@@ -200,6 +200,19 @@ def link_to_export(c: Case) -> Path:
     return c.tmp / "link"
 
 
+def tiny_gpt2(c: Case, n_positions: int) -> Path:
+    """A tiny random GPT-2 with the word-level chat tokenizer and a position table of `n_positions`."""
+    import transformers
+
+    tok, d = make_tokenizer(), c.tmp / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=n_positions, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    tok.save_pretrained(d)
+    c.keep.append(d)
+    return d
+
+
 # (id, args given a Case, fragments the error message must hold). `{...}` fragments are formatted with the Case.
 CASES = [
     # config file and overrides
@@ -302,6 +315,15 @@ CASES = [
     ("generate-classification-run", lambda c: ["generate", c.w.run, "--prompt", "hi"],
      ["{run} is a model.task=sequence-classification run"]),
     ("generate-missing-model", lambda c: ["generate", c.tmp / "none", "--prompt", "hi"], ["model folder {tmp}/none"]),
+    # batches padded to a data.max_length past a learned position table (refused before output_dir exists: NO_RUN_DIR)
+    ("gpt2-max-length-past-n-positions", lambda c: c.chat_train(f"model.name_or_path={tiny_gpt2(c, 64)}",
+                                                                "data.max_length=128", "data.padding=max_length",
+                                                                "train.batch_size=1"),
+     ["data.max_length=128 (data.padding=max_length) is longer than the model's n_positions=64 "
+      "({tmp}/gpt2/config.json)"]),
+    ("bert-max-length-past-max-position-embeddings", lambda c: c.train("data.max_length=128", "data.padding=max_length"),
+     ["data.max_length=128 (data.padding=max_length) is longer than the model's max_position_embeddings=64 "
+      "({model}/config.json)"]),
     # export targets
     ("export-target-is-a-file", lambda c: ["export", c.w.run, c.w.train], ["export target {train} is a file"]),
     ("export-target-not-empty", lambda c: ["export", c.w.run, c.w.export], ["{export} is not empty; pass --overwrite"]),
@@ -324,6 +346,10 @@ CASES = [
     ("plan-zero-devices", lambda c: ["plan", c.w.cfg, "--devices", "0"], ["--devices", "0 devices"]),
     ("plan-negative-devices", lambda c: ["plan", c.w.cfg, "--devices", "-4"], ["--devices", "-4 devices"]),
 ]
+
+
+# cases refused before anything is written: `output_dir` (`Case.train`'s `{tmp}/new`) is never created
+NO_RUN_DIR = {"gpt2-max-length-past-n-positions", "bert-max-length-past-max-position-embeddings"}
 
 
 def test_at_least_40_bad_inputs():
@@ -349,6 +375,8 @@ def test_bad_input(w, tmp_path, capfd, monkeypatch, name, make, fragments):
     for fragment in fragments:
         assert fragment.format(**names) in err, err[-2000:]
     assert snapshot(case.keep) == before, f"{name} changed files of an existing run, export or model"
+    if name in NO_RUN_DIR:
+        assert not (tmp_path / "new").exists(), f"{name} created output_dir before refusing"
 
 
 def test_lock_names_the_holder_and_a_dead_holder_frees_it(w, tmp_path, capfd):
