@@ -213,6 +213,21 @@ def tiny_gpt2(c: Case, n_positions: int) -> Path:
     return d
 
 
+def lock_links_to(c: Case, target: str):
+    """Change a run copy's `.lock` into a symbolic link to `c.tmp/target` (a file, or a path in a folder
+    that does not hold it yet), both kept unchanged."""
+    victim = c.tmp / target
+    victim.parent.mkdir(parents=True, exist_ok=True)
+    if target == "victim.txt":
+        victim.write_text("another program's file\n")
+    c.keep.append(victim.parent if victim.parent != c.tmp else victim)
+
+    def change(run: Path) -> None:
+        (run / ".lock").unlink(missing_ok=True)
+        (run / ".lock").symlink_to(victim)
+    return change
+
+
 # (id, args given a Case, fragments the error message must hold). `{...}` fragments are formatted with the Case.
 CASES = [
     # config file and overrides
@@ -315,6 +330,12 @@ CASES = [
     ("generate-classification-run", lambda c: ["generate", c.w.run, "--prompt", "hi"],
      ["{run} is a model.task=sequence-classification run"]),
     ("generate-missing-model", lambda c: ["generate", c.tmp / "none", "--prompt", "hi"], ["model folder {tmp}/none"]),
+    ("lock-is-a-symbolic-link", lambda c: ["train", c.w.cfg, f"output_dir={c.run(lock_links_to(c, 'victim.txt'))}",
+                                           "train.steps=6"],
+     ["the lock file {tmp}/run/.lock is a symbolic link (to {tmp}/victim.txt)"]),
+    ("lock-is-a-dangling-link", lambda c: ["train", c.w.cfg, f"output_dir={c.run(lock_links_to(c, 'elsewhere/x'))}",
+                                           "train.steps=6"],
+     ["the lock file {tmp}/run/.lock is a symbolic link (to {tmp}/elsewhere/x)"]),
     # batches padded to a data.max_length past a learned position table (refused before output_dir exists: NO_RUN_DIR)
     ("gpt2-max-length-past-n-positions", lambda c: c.chat_train(f"model.name_or_path={tiny_gpt2(c, 64)}",
                                                                 "data.max_length=128", "data.padding=max_length",

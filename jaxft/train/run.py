@@ -120,9 +120,10 @@ class RunLocked(ValueError):
 class RunLock:
     """An exclusive lock on a run directory (`RUN_DIR/.lock`, `fcntl.flock`) while one `jaxft train` writes it.
 
-    The holder writes its pid, host, start time and command into the file, and empties it on release; the
-    kernel drops the lock of a process that dies, so a crash never leaves the directory locked. On a file
-    system without locks (some network mounts) it warns and goes on unlocked.
+    The holder writes its pid, host, start time and command into the file, and empties it on release; a
+    `.lock` that is a symbolic link is refused, never followed. The kernel drops the lock of a process that
+    dies, so a crash never leaves the directory locked. On a file system without locks (some network
+    mounts) it warns and goes on unlocked.
     """
 
     NAME = ".lock"
@@ -133,7 +134,14 @@ class RunLock:
         self.fd = None
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / self.NAME
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: writing the lock would truncate the file it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if not self.path.is_symlink():
+                raise
+            raise ValueError(f"output_dir {run_dir}: the lock file {self.path} is a symbolic link (to "
+                             f"{os.readlink(self.path)}); jaxft never writes through links in a run directory: "
+                             f"remove the link") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
