@@ -166,6 +166,8 @@ def cmd_generate(args) -> None:
     from jaxft.generate import generate_text
     from jaxft.train.run import run_config, setup_logging
 
+    if not args.prompt:
+        raise ValueError("--prompt is empty: give the text to continue (with --chat, the user's message)")
     if (Path(args.model_dir) / "config.yaml").exists():  # a run directory
         cfg = run_config(args.model_dir)
         if cfg.model.task != "causal-lm":

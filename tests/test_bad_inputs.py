@@ -330,6 +330,7 @@ CASES = [
     ("generate-classification-run", lambda c: ["generate", c.w.run, "--prompt", "hi"],
      ["{run} is a model.task=sequence-classification run"]),
     ("generate-missing-model", lambda c: ["generate", c.tmp / "none", "--prompt", "hi"], ["model folder {tmp}/none"]),
+    ("generate-empty-prompt", lambda c: ["generate", c.w.llama, "--prompt", ""], ["--prompt is empty"]),
     ("lock-is-a-symbolic-link", lambda c: ["train", c.w.cfg, f"output_dir={c.run(lock_links_to(c, 'victim.txt'))}",
                                            "train.steps=6"],
      ["the lock file {tmp}/run/.lock is a symbolic link (to {tmp}/victim.txt)"]),
