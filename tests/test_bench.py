@@ -133,3 +133,17 @@ def test_a_near_miss_is_not_reported_as_zero_percent():
     from jaxft.bench.report import _percent
 
     assert (_percent(1 - 1.297 / 1.3), _percent(0.17), _percent(0.0)) == ("0.2%", "17%", "0.0%")
+
+
+def test_rollout_workload_runs_both_sides_reduced(tmp_path):
+    """`jaxft bench rollout --reduced`: both samplers make every token of every row (no early stop), and the
+    report gives tokens/s with the ratio jaxft / PyTorch and the target line."""
+    from jaxft.bench import run
+
+    out = tmp_path / "BENCHMARKS.md"
+    results = run(["rollout"], reduced=True, out=out, log=lambda *a: None)
+    sides = results["rollout"]["sides"]
+    assert {s: r["new_tokens"] for s, r in sides.items()} == {"jaxft": 2 * 2 * 8, "torch": 2 * 2 * 8}
+    assert all(len(r["call_s"]) == 2 and min(r["call_s"]) > 0 for r in sides.values())
+    text = out.read_text()
+    assert "new tokens/s" in text and "tokens/s ≥ 2× transformers generate" in text

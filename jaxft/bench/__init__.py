@@ -15,6 +15,8 @@ Workloads (`WORKLOADS`):
   `scripts/torch_baseline.py`.
 - `llama-135m`, `llama-135m-lora`: a random SmolLM2-135M-shaped Llama, batch 8 × 256, full fine-tuning and
   LoRA rank 8 on every linear layer (PyTorch side: `peft`).
+- `rollout`: GRPO sampling, 8 prompts × 8 completions × 128 new tokens on the SmolLM2-135M-shaped Llama:
+  jaxft's rollout program against `transformers` `generate` with its static KV cache.
 - `moe`: one DeepSeekMoE layer, forward + backward, 8 vs 64 routed experts at the same top-k and tokens.
 
 Each side of a workload runs in its own process (`jaxft.bench.sides`), so its peak memory is its own;
@@ -70,6 +72,12 @@ WORKLOADS = {w.name: w for w in (
              targets=(("speed", 1.1, "step ≥ 1.1× PyTorch"), ("memory", 1.0, "peak memory ≤ PyTorch's"))),
     Workload("llama-135m-lora", "the same with LoRA rank 8 on every linear layer (PyTorch: peft)",
              dict(LM, lora_rank=8), LM_REDUCED),
+    Workload("rollout", "GRPO sampling: 8 prompts × 8 completions × 128 new tokens, SmolLM2-135M-shaped Llama "
+             "(PyTorch: transformers generate, static cache)",
+             dict(task="rollout", shape="smollm2-135m", prompts=8, generations=8, prompt_length=32, new_tokens=128,
+                  repeats=3),
+             dict(shape="tiny", prompts=2, generations=2, prompt_length=8, new_tokens=8, repeats=2),
+             targets=(("speed", 2.0, "tokens/s ≥ 2× transformers generate"),)),
     Workload("moe", "one DeepSeekMoE layer, forward + backward, 8 vs 64 routed experts (top-k 4, 4,096 tokens, "
              "hidden 256, expert width 128)", dict(task="moe", experts=[8, 64], top_k=4, tokens=4096, hidden=256,
                                                      width=128, repeats=5),
@@ -134,7 +142,7 @@ def run(names: list[str], reduced: bool = False, repeats: int | None = None, out
             if p["task"] == "e2e":
                 sides = run_e2e(p, e2e_repeats)
             else:
-                if p["task"] == "causal-lm":
+                if p["task"] in ("causal-lm", "rollout"):
                     p["folder"] = lm_folder(models, p.pop("shape"))
                     from transformers import AutoConfig
 

@@ -38,6 +38,13 @@ def headline(name: str, result: dict) -> dict:
                 "peak_rss_gib": {s: _med([r["peak_rss_bytes"] for r in runs]) / GiB for s, runs in sides.items()},
                 "ratios": {"speed-cold": wall["torch"] / wall["jaxft-cold"],
                            "speed-warm": wall["torch"] / wall["jaxft-warm"]}}
+    if "call_s" in sides["jaxft"]:   # sampling
+        out = {s: {"call_s": _med(r["call_s"]), "spread": _spread(r["call_s"]), "first_call_s": r["first_call_s"],
+                   "tokens_per_s": r["new_tokens"] / _med(r["call_s"]), "peak_rss_gib": r["peak_rss_bytes"] / GiB}
+               for s, r in sides.items()}
+        out["ratios"] = {"speed": out["jaxft"]["tokens_per_s"] / out["torch"]["tokens_per_s"],
+                         "memory": out["torch"]["peak_rss_gib"] / out["jaxft"]["peak_rss_gib"]}
+        return out
     if "layer_s" in sides["jaxft"]:   # MoE layer
         ms = {s: {e: 1e3 * _med(t) for e, t in r["layer_s"].items()} for s, r in sides.items()}
         lo, hi = sorted(ms["jaxft"], key=int)[0], sorted(ms["jaxft"], key=int)[-1]
@@ -92,6 +99,18 @@ def _table(name: str, h: dict) -> list[str]:
         rows.append("| process start → test accuracy | " + " | ".join(f"{h['wall_s'][c]:.1f} s" for c in cols) + " |")
         rows.append("| test accuracy | " + " | ".join(", ".join(f"{a:.4f}" for a in h["accuracy"][c]) for c in cols) + " |")
         rows.append("| peak memory | " + " | ".join(f"{h['peak_rss_gib'][c]:.2f} GiB" for c in cols) + " |")
+        return rows
+    if "call_s" in h.get("jaxft", {}):
+        j, t = h["jaxft"], h["torch"]
+        rows = ["| | jaxft | PyTorch (transformers generate) | ratio (above 1 favours jaxft) |",
+                "| --- | --- | --- | --- |"]
+        rows.append(f"| one call (median) | {j['call_s']:.2f} s | {t['call_s']:.2f} s | {t['call_s'] / j['call_s']:.2f} |")
+        rows.append(f"| spread of the calls | {j['spread']} | {t['spread']} | |")
+        rows.append(f"| first call (compilation) | {j['first_call_s']:.1f} s | {t['first_call_s']:.1f} s | |")
+        rows.append(f"| new tokens/s | {j['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | "
+                    f"{h['ratios']['speed']:.2f} |")
+        rows.append(f"| peak memory (RSS) | {j['peak_rss_gib']:.2f} GiB | {t['peak_rss_gib']:.2f} GiB | "
+                    f"{h['ratios']['memory']:.2f} |")
         return rows
     if "layer_ms" in h:
         experts = sorted(h["layer_ms"]["jaxft"], key=int)

@@ -380,6 +380,49 @@ def _moe_torch(experts: int, p: dict) -> list[float]:
     return [seconds for seconds, _ in windows]
 
 
+def rollout_side(p: dict) -> dict:
+    """GRPO-style sampling: `prompts` × `generations` rows of `prompt_length` random tokens, `new_tokens` sampled
+    after each at temperature 1 (no end-of-sequence stop, so both sides make every token); the median seconds
+    of `repeats` timed calls after one warm-up (which compiles) and the first call's seconds. jaxft: its
+    rollout program (`jaxft.generate.rollout_program`, the GRPO objective's sampler); PyTorch: `transformers`
+    `generate` with its static KV cache."""
+    rows, n = p["prompts"] * p["generations"], p["new_tokens"]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, p["vocab"], (rows, p["prompt_length"])).astype(np.int32)
+    times = []
+    if p["side"] == "jaxft":
+        import jax
+
+        import jaxft
+        from jaxft.generate import rollout_program
+        from jaxft.train.step import Functional
+
+        fn = Functional(jaxft.load_model(p["folder"], task="causal-lm"))
+        run = rollout_program(fn, n, temperature=1.0)
+        mask = np.ones(ids.shape, bool)
+        for i in range(p["repeats"] + 1):
+            t = time.perf_counter()
+            out = jax.block_until_ready(run(fn.params, ids, mask, jax.random.key(i), [], 0))
+            times.append(time.perf_counter() - t)
+        assert out.shape == (rows, n)
+    else:
+        import torch
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(p["folder"], dtype=torch.float32).eval()
+        x = torch.tensor(ids, dtype=torch.long)
+        for i in range(p["repeats"] + 1):
+            torch.manual_seed(i)
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0, top_k=0,
+                                     top_p=1.0, max_new_tokens=n, min_new_tokens=n, cache_implementation="static",
+                                     eos_token_id=None, pad_token_id=0)
+            times.append(time.perf_counter() - t)
+        assert out.shape == (rows, p["prompt_length"] + n)
+    return {"call_s": times[1:], "first_call_s": times[0], "new_tokens": rows * n, "peak_rss_bytes": peak_rss_bytes()}
+
+
 SIDES = {"jaxft": jax_side, "torch": torch_side}
 
 
@@ -391,6 +434,8 @@ def main() -> None:
         restart_with_huge_pages()   # the process as the `jaxft` command starts it
     if params["task"] == "moe":
         result = moe_side(dict(params, side=side))
+    elif params["task"] == "rollout":
+        result = rollout_side(dict(params, side=side))
     else:
         result = SIDES[side](params)
     print(json.dumps(dict(result, workload=workload, side=side)))
