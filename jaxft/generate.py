@@ -70,7 +70,12 @@ def _pick(logits: Array, key: Array, temperature: Array, top_p: Array, greedy: b
         before = jnp.cumsum(probs, axis=-1) - probs       # mass of the strictly more likely tokens
         cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    # inverse CDF: one uniform number per row. jax.random.categorical draws a Gumbel number per vocabulary
+    # entry, and on CPU those threefry bits cost more than the model's head (SmolLM2's 49k entries × 64 rows:
+    # 102 vs 23 ms per token, measured)
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def _prefill(graphdef, state, ids, mask, positions, key, temperature, top_p, *, max_new_tokens, greedy,

@@ -92,6 +92,12 @@ BREAKS = [
     Break("loop: no checkpoint when the next batch cannot be made", "jaxft/train/loop.py",
           "            if self.step and self.ckpts.latest_step() != self.step:", "            if False:",
           ("tests/test_grpo_train.py::test_a_failing_reward_keeps_the_work_and_resumes_exactly",)),
+    Break("generate: top-k ignored", "jaxft/generate.py",
+          "    if top_k and top_k < logits.shape[-1]:", "    if False:",
+          ("tests/test_generate.py::test_sampling_follows_the_tempered_nucleus_distribution",)),
+    Break("generate: inverse CDF picks the token before", "jaxft/generate.py",
+          "jnp.sum(cdf <= u, axis=-1)", "jnp.maximum(jnp.sum(cdf <= u, axis=-1) - 1, 0)",
+          ("tests/test_generate.py::test_sampling_follows_the_tempered_nucleus_distribution",)),
 ]
 
 

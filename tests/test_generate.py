@@ -111,10 +111,13 @@ def test_no_recompilation_and_sampling(tmp_path):
     np.testing.assert_array_equal(greedy, nucleus)  # a vanishing nucleus keeps only the top token
 
 
-def _sampling_distribution(logits, temperature, top_p):
-    """softmax(logits / temperature), cut to the smallest set of most likely tokens whose mass reaches
-    top_p and renormalised (`transformers`' temperature then top-p warpers)."""
+def _sampling_distribution(logits, temperature, top_p, top_k=0):
+    """softmax(logits / temperature), cut to the `top_k` most likely tokens, then to the smallest set of most
+    likely tokens whose mass reaches top_p, and renormalised (`transformers`' temperature, top-k and top-p
+    warpers, in that order)."""
     z = logits / temperature
+    if top_k:
+        z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
     q = np.exp(z - z.max())
     q /= q.sum()
     order = np.argsort(-q)
@@ -125,8 +128,8 @@ def _sampling_distribution(logits, temperature, top_p):
     return q / q.sum()
 
 
-@pytest.mark.parametrize("temperature,top_p", [(0.5, 1.0), (2.0, 0.7)])
-def test_sampling_follows_the_tempered_nucleus_distribution(tmp_path, temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.5, 1.0, 0), (2.0, 0.7, 0), (2.0, 1.0, 12), (2.0, 0.9, 30)])
+def test_sampling_follows_the_tempered_nucleus_distribution(tmp_path, temperature, top_p, top_k):
     """First sampled token of N copies of one prompt: no token outside the nucleus, and the empirical
     frequencies pass a chi-square test against the distribution computed from `transformers`' logits
     (ignoring the temperature or top-p gives a statistic several times the bar)."""
@@ -137,14 +140,15 @@ def test_sampling_follows_the_tempered_nucleus_distribution(tmp_path, temperatur
 
     with torch.no_grad():
         logits = load_hf(folder)(torch.tensor(prompt, dtype=torch.long)).logits[0, -1].double().numpy()
-    expected = _sampling_distribution(logits, temperature, top_p)
+    expected = _sampling_distribution(logits, temperature, top_p, top_k)
     n = 3000
     out = jaxft.generate(model, np.repeat(prompt, n, 0), max_new_tokens=1, temperature=temperature,
-                         top_p=top_p, seed=0, eos_token_id=[])
+                         top_p=top_p, top_k=top_k, seed=0, eos_token_id=[])
     counts = np.bincount(out[:, 0], minlength=VOCAB)
     support = expected > 0
     assert counts[~support].sum() == 0, "sampled outside the nucleus"
-    assert 10 < support.sum() < VOCAB or top_p == 1.0  # the nucleus cuts, but not to one token
+    assert 10 < support.sum() < VOCAB or (top_p == 1.0 and not top_k)  # the nucleus cuts, but not to one token
+    assert not top_k or support.sum() <= top_k
     chi2 = float((((counts - n * expected) ** 2)[support] / (n * expected[support])).sum())
     df = int(support.sum()) - 1
     print(f"T={temperature} top_p={top_p}: chi2 {chi2:.1f} over {df} degrees of freedom")
