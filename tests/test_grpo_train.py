@@ -179,3 +179,31 @@ def test_a_failing_reward_keeps_the_work_and_resumes_exactly(tmp_path, monkeypat
     assert main(["train", *common, f"output_dir={run}"]) == 0
     a, b = export_tensors(tmp_path / "straight", tmp_path / "a"), export_tensors(run, tmp_path / "b")
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_rollouts_compile_once_per_prompt_bucket(tmp_path, monkeypatch):
+    """Three rollouts with prompts of different lengths (one bucket of 8 tokens) run one compiled sampling
+    program; every completion ends at its first eos (or at the length limit) and its tokens follow the prompt's
+    real tokens in the training row."""
+    from jaxft.config import load_config
+    from jaxft.train.loop import Trainer
+    from jaxft.train.run import claim_run_dir
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(setup_run(tmp_path)[0], ["optim.lr=0.01", "train.steps=3", f"output_dir={tmp_path / 'run'}"])
+    with claim_run_dir(cfg):
+        trainer = Trainer(cfg)
+        task, fn = trainer.task, trainer.fn
+        batches = [task.train_batch(step, fn, fn.params) for step in range(3)]
+        programs = [p for key, p in task.programs.items() if key != "logps"]
+        assert len(programs) == 1 and programs[0].jitted._cache_size() == 1
+        eos = task.eos[0]
+        for b in batches:
+            for ids, attention, loss in zip(b["input_ids"], b["attention_mask"], b["loss_mask"]):
+                n = int(attention.sum())
+                completion = ids[loss > 0]
+                assert attention[:n].all() and not attention[n:].any()          # right-padded rows
+                assert loss[n - len(completion):n].all()                        # the completion ends the row
+                ends = np.flatnonzero(completion == eos)
+                assert len(completion) == 8 if not len(ends) else ends[0] == len(completion) - 1
+        trainer.ckpts.close()
