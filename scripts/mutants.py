@@ -98,6 +98,13 @@ BREAKS = [
     Break("generate: inverse CDF picks the token before", "jaxft/generate.py",
           "jnp.sum(cdf <= u, axis=-1)", "jnp.maximum(jnp.sum(cdf <= u, axis=-1) - 1, 0)",
           ("tests/test_generate.py::test_sampling_follows_the_tempered_nucleus_distribution",)),
+    Break("distill: classification teacher given the input ids alone", "jaxft/objectives/distill.py",
+          'teacher_BC = teacher(batch["input_ids"], **inputs)', 'teacher_BC = teacher(batch["input_ids"])',
+          ("tests/test_distill.py::test_classification_teacher_sees_the_attention_mask_and_token_types",)),
+    Break("distill: causal-LM teacher given the input ids alone", "jaxft/objectives/distill.py",
+          'teacher_BTV = teacher(ids, attention_mask=batch["attention_mask"], segment_ids=seg)',
+          "teacher_BTV = teacher(ids)",
+          ("tests/test_distill.py::test_causal_lm_teacher_sees_the_padding_and_the_packed_documents",)),
 ]
 
 

@@ -1,6 +1,8 @@
-"""Distillation (`train.objective: distill`): the loss is the formula (numpy, fixed logits), the teacher is frozen
-(no gradient, not in the train state, unchanged), a teacher of another label set or tokenizer is refused, and a
-tiny student distilled from a larger random teacher through `jaxft train` gets closer to it."""
+"""Distillation (`train.objective: distill`): the loss is the formula (numpy, fixed logits), the teacher inside it
+sees the batch's padding, token types and packed documents (its logits equal the teacher run on each example or
+document alone), the teacher is frozen (no gradient, not in the train state, unchanged), a teacher of another
+label set or tokenizer is refused, a tiny student distilled from a larger random teacher through `jaxft train`
+gets closer to it, and causal-LM distillation runs through the CLI."""
 
 from __future__ import annotations
 
@@ -79,6 +81,86 @@ def test_causal_lm_loss_is_the_formula_on_trained_tokens_only():
                 weight += weights[b]
     np.testing.assert_allclose([float(loss), float(aux["kl"]), float(aux["task_loss"])], want, rtol=1e-6, atol=1e-6)
     assert float(aux["weight"]) == weight == 3 + 3 + 0.5 * 3  # row 0: 4 trained targets but one crosses documents
+
+
+def kl_sums_against(teacher_rows, weights, T):
+    """Σ w·KL(p_T(teacher) ‖ p_T(student)) over the listed `(row, teacher logits [V], student logits [V])`."""
+    total = 0.0
+    for b, t_row, s_row in teacher_rows:
+        log_p, log_q = np_log_softmax(np.float64(t_row) / T), np_log_softmax(np.float64(s_row) / T)
+        total += weights[b] * float(np.sum(np.exp(log_p) * (log_p - log_q)))
+    return total
+
+
+def test_classification_teacher_sees_the_attention_mask_and_token_types(tmp_path):
+    """The teacher's logits inside the loss are those of the teacher run on its own on each example, unpadded,
+    with its token types: on a batch with padded rows and a second segment (token type 1), the KL sum the loss
+    returns equals the KL from per-example teacher logits computed here (a teacher given the input ids alone
+    attends to the padding and reads every token as segment A: the KL moves by far more than the bar)."""
+    import jaxft
+    from conftest import forward, random_batch, save_tiny_bert
+    from flax import nnx
+
+    teacher = jaxft.load_model(save_tiny_bert(tmp_path / "teacher", seed=3, random_init=True, num_labels=3),
+                               task="sequence-classification")
+    ids, mask, types = random_batch(99, batch=4, length=12, seed=2)
+    mask[2, 5:] = 0                                    # three padded rows of four, pad tokens not 0
+    lengths = mask.sum(1)
+    rng = np.random.RandomState(4)
+    s = rng.randn(4, 3).astype(np.float32) * 2
+    labels, weights = np.array([0, 2, 1, 1]), np.array([1.0, 0.5, 2.0, 1.0], np.float32)
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels, "weights": weights}
+    loss = nnx.jit(lambda model, batch: make_classification_distill_loss(D)(fixed(s), batch, None, model))
+    _, aux = loss(teacher, batch)
+    alone = [np.asarray(forward(teacher, ids[b:b + 1, :n], attention_mask=np.ones((1, n), np.int32),
+                                token_type_ids=types[b:b + 1, :n]))[0] for b, n in enumerate(lengths)]
+    want = kl_sums_against([(b, alone[b], s[b]) for b in range(4)], weights, D.temperature)
+    assert want > 0.1
+    np.testing.assert_allclose(float(aux["kl"]), want, rtol=1e-4)
+
+
+def test_causal_lm_teacher_sees_the_padding_and_the_packed_documents(tmp_path):
+    """The causal-LM teacher's logits inside the loss are those of the teacher run on each document alone: on a
+    packed batch (`segment_ids`: two documents in a row, a right-padded row) and on an unpacked one (the
+    attention mask as the single segment, a left-padded row), the KL sum the loss returns equals the KL from
+    teacher logits computed here document by document, unpadded (a teacher given the input ids alone lets the
+    second document attend to the first and the left-padded row attend to its padding)."""
+    import jaxft
+    from causal_helpers import save_hf
+    from conftest import forward
+    from flax import nnx
+
+    teacher = jaxft.load_model(save_hf("llama-gqa-tied", tmp_path / "teacher", seed=5), task="causal-lm")
+    rng = np.random.RandomState(6)
+    B, T, V = 3, 10, 96
+    ids = rng.randint(3, V, (B, T)).astype(np.int32)
+    s = rng.randn(B, T, V).astype(np.float32) * 2
+    weights = np.array([1.0, 0.5, 2.0], np.float32)
+    packed = {"segment_ids": np.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3, [1] * 3 + [2] * 5 + [0] * 2], np.int32)}
+    packed["attention_mask"] = (packed["segment_ids"] > 0).astype(np.int32)
+    unpacked = {"attention_mask": np.array([[1] * 10, [0] * 4 + [1] * 6, [1] * 8 + [0] * 2], np.int32)}
+    loss = nnx.jit(lambda model, batch: make_causal_lm_distill_loss(D)(fixed(s), batch, None, model))
+    for extra in (packed, unpacked):
+        seg = extra.get("segment_ids", extra["attention_mask"])
+        loss_mask = (seg > 0).astype(np.int32)
+        loss_mask[:, :2] = 0                                        # a two-token prompt: not trained
+        batch = {"input_ids": ids, "loss_mask": loss_mask, "weights": weights, **extra}
+        _, aux = loss(teacher, batch)
+        # every document on its own row from position 0, right-padded (which a causal model's real tokens never
+        # see), in one call
+        docs = [(b, np.flatnonzero(seg[b] == d)) for b in range(B) for d in sorted(set(seg[b].tolist()) - {0})]
+        alone_ids, alone_mask = np.zeros((len(docs), T), np.int32), np.zeros((len(docs), T), np.int32)
+        for i, (b, at) in enumerate(docs):
+            alone_ids[i, :len(at)], alone_mask[i, :len(at)] = ids[b, at], 1
+        alone = np.asarray(forward(teacher, alone_ids, attention_mask=alone_mask))
+        rows = []
+        for i, (b, at) in enumerate(docs):
+            for k, pos in enumerate(at[:-1]):                       # position pos predicts pos + 1, same document
+                if loss_mask[b, pos + 1]:
+                    rows.append((b, alone[i, k], s[b, pos]))
+        assert len(rows) >= 12
+        want = kl_sums_against(rows, weights, D.temperature)
+        np.testing.assert_allclose(float(aux["kl"]), want, rtol=1e-4, err_msg=str(sorted(extra)))
 
 
 ROWS = [("good film", "pos"), ("bad film", "neg"), ("fine acting", "pos"), ("awful plot", "neg"),
@@ -230,3 +312,31 @@ def test_distillation_composes_with_grad_accumulation_and_exact_resume(models, t
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4] and resumed_rows[-1]["loss"] == rows[-1]["loss"]
     for k, v in straight.state["params"].items():
         np.testing.assert_array_equal(np.asarray(resumed.state["params"][k]), np.asarray(v), err_msg=k)
+
+
+def test_causal_lm_distillation_through_the_cli(tmp_path, capsys):
+    """`jaxft train` with train.objective=distill on a causal LM (a tiny random Llama student, a wider random
+    Llama teacher with the same tokenizer, packed chat rows): exits 0 and logs the KL and the task loss at each
+    train log and in the evaluation (with the perplexity)."""
+    from jaxft.cli import main
+    from sft_helpers import save_tiny_llama
+
+    student = save_tiny_llama(tmp_path / "student", seed=0, hidden_size=32, intermediate_size=48)
+    teacher = save_tiny_llama(tmp_path / "teacher", seed=1)
+    rows = [{"messages": [{"role": "user", "content": f"map w{i}"}, {"role": "assistant", "content": f"d{i}"}]}
+            for i in range(16)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    code = main(["train", str(Path(__file__).resolve().parents[1] / "configs" / "sft_tiny.yaml"),
+                 f"model.name_or_path={student}", f"data.train={tmp_path / 'rows.jsonl'}",
+                 "data.validation_fraction=0.25", f"data.cache_dir={tmp_path / 'cache'}", "train.objective=distill",
+                 f"train.distill.teacher={teacher}", "train.batch_size=2", "train.steps=4", "train.log_every=2",
+                 "train.eval_every=4", f"output_dir={run}"])
+    assert code == 0, capsys.readouterr().err
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if r["split"] == "train"]
+    evals = [r for r in logged if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4] and len(evals) >= 1, logged
+    for r in train + evals:
+        assert np.isfinite(r["kl"]) and r["kl"] > 0 and np.isfinite(r["task_loss"]) and r["task_loss"] > 0, r
+    assert "perplexity" in evals[-1]
