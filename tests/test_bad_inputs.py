@@ -305,6 +305,10 @@ CASES = [
      ["data.chat_template='{tmp}' is a folder"]),
     ("chat-template-file-missing", lambda c: c.chat_train(f"data.chat_template={c.tmp / 'none.jinja'}"),
      ["data.chat_template='{tmp}/none.jinja' is neither a Jinja template nor an existing file"]),
+    ("prompt-completion-not-text", lambda c: c.chat_train(
+        f"data.train={c.file('pc.jsonl', json.dumps({'prompt': 'map w1', 'completion': 'd1'}) + chr(10) + json.dumps({'prompt': {'text': 'map w2'}, 'completion': 'd2'}) + chr(10))}",
+        "data.format=prompt_completion"),
+     ["data.train, row 2, column 'prompt': expected text or a list of {{role, content}} messages, got dict"]),
     # run directories
     ("resume-false-into-a-run", lambda c: ["train", c.w.cfg, "checkpoint.resume=false"],
      ["output_dir {run} holds a run", "checkpoint.resume=false", "checkpoint.overwrite=move"]),

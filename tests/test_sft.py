@@ -62,6 +62,28 @@ def test_prompt_completion_masks_completion_and_eos():
     assert tok.convert_ids_to_tokens(ids) == ["map", "w3", "d3", "</s>"] and mask == [0, 0, 1, 1]
 
 
+def test_conversational_prompt_completion_rows_are_rendered_with_the_template():
+    """TRL's conversational prompt–completion rows (message lists) go through the chat template, loss on the
+    completion only (an earlier assistant turn in the prompt is not trained); a list or dict that is not
+    messages, or a number, is an error naming the row and the column, never its Python repr trained on."""
+    tok = make_tokenizer()
+    table = {"prompt": [CHAT[:3]], "completion": [[CHAT[3]]]}
+    enc, _ = build_sft(table, tok, data_cfg(format="prompt_completion"), "train")
+    ids, mask = enc.example(0)["input_ids"], enc.example(0)["loss_mask"]
+    full, _ = encode_chat(tok, CHAT, None)
+    assert ids.tolist() == full and words(tok, ids, mask) == ["d2", "d3", "</s>"]
+    for bad, what in (({"role": "user"}, "dict"), (["a", "b"], "list"), (3, "int")):
+        table = {"prompt": ["map w1", bad], "completion": ["d1", "d2"]}
+        with pytest.raises(DataError, match=f"data.train, row 2, column 'prompt': expected text or a list of "
+                                            f"{{role, content}} messages, got {what}"):
+            build_sft(table, tok, data_cfg(format="prompt_completion"), "train")
+    with pytest.raises(DataError, match="row 1: 'prompt' and 'completion' must both be text or both be message"):
+        build_sft({"prompt": ["map w1"], "completion": [[CHAT[1]]]}, tok, data_cfg(format="prompt_completion"),
+                  "train")
+    with pytest.raises(DataError, match="row 1, column 'text': expected text, got int"):
+        build_sft({"text": [5]}, tok, data_cfg(format="text"), "train")
+
+
 def test_truncation_policy_is_counted():
     tok = make_tokenizer()
     table = {"prompt": ["map w1", "map " + " ".join(["w2"] * 10), "map w4"],

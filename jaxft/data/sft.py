@@ -4,7 +4,9 @@ Three row formats (`data.format`, or `auto` from the columns present):
 
 - `text` (`data.text_field`): every token is trained; EOS is appended.
 - `prompt_completion` (`data.prompt_field`, `data.completion_field`): loss on the completion and
-  the EOS after it only.
+  the EOS after it only. TRL's conversational form (both fields lists of `{role, content}` messages, the
+  completion the assistant's turns) is rendered with the chat template, loss on the completion's tokens.
+  Any other value that is not text is an error naming the row and the column.
 - `chat` (`data.messages_field`, a list of `{role, content}`): rendered with the tokenizer's chat
   template (or `data.chat_template`); loss on the assistant turns only, including the end-of-turn
   tokens the template puts after them, so the model learns to stop. Assistant spans come from the
@@ -131,6 +133,31 @@ def encode_chat(tokenizer, messages: list[dict], template: str | None) -> tuple[
     return full, mask
 
 
+def encode_chat_completion(tokenizer, prompt: list[dict], completion: list[dict], template: str | None
+                           ) -> tuple[list[int], list[int]]:
+    """A conversational prompt–completion row: the whole conversation rendered, loss on the completion's
+    assistant tokens only (the prompt, with its generation prompt, must render as a prefix of the whole)."""
+    ids, mask = encode_chat(tokenizer, prompt + completion, template)
+    before = _render(tokenizer, prompt, template or tokenizer.chat_template, add_generation_prompt=True)
+    if ids[:len(before)] != before:
+        raise DataError("cannot locate the completion: the chat template does not render the prompt (with its "
+                        "generation prompt) as a prefix of the whole conversation")
+    return ids, [0] * len(before) + mask[len(before):]
+
+
+def _field(table: dict[str, list], column: str, r: int, split: str, messages_ok: bool = False):
+    """The value of `column` in row `r`: text, or (where `messages_ok`) a list of {role, content} messages."""
+    value = table[column][r]
+    if value is None or isinstance(value, str):
+        return value
+    if messages_ok and isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                        for m in value):
+        return value
+    what = "text or a list of {role, content} messages" if messages_ok else "text"
+    raise DataError(f"data.{split}, row {r + 1}, column {column!r}: expected {what}, got "
+                    f"{type(value).__name__} {str(value)[:60]!r}")
+
+
 def build_sft(table: dict[str, list], tokenizer, d, split: str) -> tuple[Encoded, SFTReport]:
     """Rows → `Encoded` with `input_ids` and `loss_mask` (one example per row, truncated per policy)."""
     fmt = detect_format(table, d)
@@ -140,17 +167,24 @@ def build_sft(table: dict[str, list], tokenizer, d, split: str) -> tuple[Encoded
     for r in range(n):
         try:
             if fmt == "text":
-                text = table[d.text_field][r]
-                if not text or not str(text).strip():
+                text = _field(table, d.text_field, r, split)
+                if not text or not text.strip():
                     report.drop("empty text", r + 1)
                     continue
-                ids, mask = encode_text(tokenizer, str(text))
+                ids, mask = encode_text(tokenizer, text)
             elif fmt == "prompt_completion":
-                prompt, completion = table[d.prompt_field][r], table[d.completion_field][r]
-                if completion is None or not str(completion).strip():
+                prompt = _field(table, d.prompt_field, r, split, messages_ok=True)
+                completion = _field(table, d.completion_field, r, split, messages_ok=True)
+                if not completion or (isinstance(completion, str) and not completion.strip()):
                     report.drop("empty completion", r + 1)
                     continue
-                ids, mask = encode_prompt_completion(tokenizer, str(prompt or ""), str(completion))
+                if isinstance(prompt, list) != isinstance(completion, list):
+                    raise DataError(f"data.{split}, row {r + 1}: {d.prompt_field!r} and {d.completion_field!r} "
+                                    f"must both be text or both be message lists")
+                if isinstance(completion, list):
+                    ids, mask = encode_chat_completion(tokenizer, prompt, completion, d.chat_template)
+                else:
+                    ids, mask = encode_prompt_completion(tokenizer, prompt or "", completion)
             else:
                 messages = table[d.messages_field][r]
                 if isinstance(messages, str):
