@@ -105,6 +105,10 @@ BREAKS = [
           'teacher_BTV = teacher(ids, attention_mask=batch["attention_mask"], segment_ids=seg)',
           "teacher_BTV = teacher(ids)",
           ("tests/test_distill.py::test_causal_lm_teacher_sees_the_padding_and_the_packed_documents",)),
+    Break("sft: a non-text prompt trained on its repr", "jaxft/data/sft.py",
+          "    if value is None or isinstance(value, str):", "    if True:",
+          ("tests/test_sft.py::test_conversational_prompt_completion_rows_are_rendered_with_the_template",
+           "tests/test_bad_inputs.py::test_bad_input[prompt-completion-not-text]")),
 ]
 
 
