@@ -109,6 +109,11 @@ BREAKS = [
           "    if value is None or isinstance(value, str):", "    if True:",
           ("tests/test_sft.py::test_conversational_prompt_completion_rows_are_rendered_with_the_template",
            "tests/test_bad_inputs.py::test_bad_input[prompt-completion-not-text]")),
+    Break("preference: metrics summed without the pair weights", "jaxft/objectives/preference.py",
+          "sums = {k: jnp.sum(jax.lax.stop_gradient(v) * w) for k, v in values.items()}",
+          "sums = {k: jnp.sum(jax.lax.stop_gradient(v)) for k, v in values.items()}",
+          tuple(f"tests/test_preference_losses.py::test_sums_are_weighted_by_the_pair_weights[{k}]"
+                for k in ("dpo", "ipo", "simpo", "orpo"))),
 ]
 
 

@@ -1,5 +1,6 @@
 """Preference losses and metrics equal TRL's own (fixed log-prob arrays), and jaxft's sequence log-probs of a
-tiny random Llama chat batch equal those from the `transformers` model's logits.
+tiny random Llama chat batch equal those from the `transformers` model's logits. With unequal pair weights and
+padding rows (weight 0), the loss and every metric, summed and divided by the weight, are the weight-means.
 
 TRL is the reference only: its trainers' loss methods are called directly on the arrays, on minimal trainer
 objects (`object.__new__`, with just the attributes those methods read), so no model or data set is built.
@@ -147,3 +148,62 @@ def test_orpo_equals_trl_odds_ratio_loss():
     close(metrics["rewards/chosen"], rc.numpy().mean())
     close(metrics["rewards/margins"], (rc - rr).numpy().mean())
     close(metrics["rewards/accuracies"], (rc > rr).numpy().mean())
+
+
+def _log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def hand_pair_values(kind, p, c, r, n_c, n_r, c_ref, r_ref):
+    """Per-pair loss and metrics in float64 from the formulas (TRL's definitions), for real pairs only."""
+    beta, eps = p.beta, p.label_smoothing
+    if kind in ("dpo", "ipo"):
+        dc, dr = c - c_ref, r - r_ref
+        if kind == "dpo":
+            h = beta * (dc - dr)
+            loss = -(1 - eps) * _log_sigmoid(h) - eps * _log_sigmoid(-h)
+        else:
+            loss = (dc / n_c - dr / n_r - 1 / (2 * beta)) ** 2
+        rc, rr, lc, lr, extras = beta * dc, beta * dr, c, r, {}
+    else:
+        cm, rm = c / n_c, r / n_r
+        if kind == "simpo":
+            m = beta * (cm - rm) - p.simpo_gamma
+            loss, extras = -(1 - eps) * _log_sigmoid(m) - eps * _log_sigmoid(-m), {}
+        else:
+            log_odds = (cm - rm) - (np.log1p(-np.exp(cm)) - np.log1p(-np.exp(rm)))
+            ratio = _log_sigmoid(log_odds)
+            loss = -cm - beta * ratio
+            extras = {"nll_loss": -cm, "log_odds_ratio": ratio, "log_odds_chosen": log_odds}
+        rc, rr, lc, lr = beta * cm, beta * rm, cm, rm
+    return loss, {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": (rc > rr).astype(np.float64),
+                  "rewards/margins": rc - rr, "logps/chosen": lc, "logps/rejected": lr, **extras}
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "simpo", "orpo"])
+def test_sums_are_weighted_by_the_pair_weights(kind):
+    """`pair_sums` on a batch of 5 pairs of unequal weight and 2 padding rows (weight 0, no response token, zero
+    log-probs, as `sequence_logps` gives them): the loss and every metric summed and divided by the weight equal
+    the weight-mean of the per-pair values computed here from the formulas on the real pairs only. Unweighted
+    metric sums count the padding rows and weigh every pair alike: off by far more than the bar."""
+    rng = np.random.default_rng(7)
+    w = np.array([1.0, 0.5, 2.0, 0.0, 1.5, 0.25, 0.0])
+    real = w > 0
+    n_c, n_r = rng.integers(1, 7, 7).astype(np.float64), rng.integers(1, 7, 7).astype(np.float64)
+    c, r = -rng.uniform(0.05, 1.5, 7) * n_c, -rng.uniform(0.05, 1.5, 7) * n_r
+    c_ref, r_ref = c + rng.normal(0, 0.8, 7), r + rng.normal(0, 0.8, 7)
+    c[~real] = r[~real] = n_c[~real] = n_r[~real] = 0.0
+    p = PreferenceSection(beta=0.4, label_smoothing=0.1 if kind in ("dpo", "simpo") else 0.0, simpo_gamma=0.3)
+    refs = (c_ref, r_ref) if kind in ("dpo", "ipo") else ()
+    loss_sum, aux = pair_sums(kind, p, jnp.asarray(w, jnp.float32),
+                              *(jnp.asarray(x, jnp.float32) for x in (c, r, n_c, n_r, *refs)))
+    loss, values = hand_pair_values(kind, p, *(x[real] for x in (c, r, n_c, n_r, c_ref, r_ref)))
+    wr = w[real]
+    assert float(aux["weight"]) == wr.sum() == 5.25
+    assert 0 < values["rewards/accuracies"].mean() < 1  # both outcomes among the real pairs
+    want = {"loss": np.sum(loss * wr) / wr.sum(), **{k: np.sum(v * wr) / wr.sum() for k, v in values.items()}}
+    got = {"loss": float(loss_sum) / float(aux["weight"]),
+           **{k: float(v) / float(aux["weight"]) for k, v in aux.items() if k != "weight"}}
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
