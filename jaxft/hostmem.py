@@ -9,8 +9,10 @@ kernel time per step of an 8-layer SmolLM2-shaped model, measured. With the glib
 loop gains about as much from it). Tunables are read once, when the process starts, so the `jaxft`
 command restarts itself (`exec`, before JAX starts: the restart costs one `import jaxft`) with the tunable added to
 `GLIBC_TUNABLES`. Nothing happens off Linux/glibc, when the kernel's THP mode is `never`, when the
-variable already sets `glibc.malloc.hugetlb`, or with `JAXFT_HUGE_PAGES=0`. Library users get it by
-starting Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
+variable already sets `glibc.malloc.hugetlb`, with `JAXFT_HUGE_PAGES=0`, or in the restarted process
+itself (`JAXFT_HUGE_PAGES_RESTARTED`: where `exec` drops `GLIBC_TUNABLES`, as glibc does for setuid
+programs, the command restarts once, never in a loop). Library users get it by starting Python with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb"
+RESTARTED = "JAXFT_HUGE_PAGES_RESTARTED"   # set in the restarted process: it never restarts again
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -28,7 +31,8 @@ def huge_page_env(environ: dict[str, str], libc: tuple[str, str] | None = None,
                   thp_mode: str | None = None) -> dict[str, str] | None:
     """The environment to restart with, or None when there is nothing to change (see the module docstring).
     `libc` (`platform.libc_ver()`) and `thp_mode` (the contents of `THP_MODE`) are read when not given."""
-    if environ.get("JAXFT_HUGE_PAGES", "1") == "0" or TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+    if environ.get("JAXFT_HUGE_PAGES", "1") == "0" or TUNABLE in environ.get("GLIBC_TUNABLES", "") or \
+            RESTARTED in environ:
         return None
     name, version = libc if libc is not None else platform.libc_ver()
     if name != "glibc" or tuple(int(v) for v in version.split(".")[:2] if v.isdigit()) < (2, 35):
@@ -41,7 +45,7 @@ def huge_page_env(environ: dict[str, str], libc: tuple[str, str] | None = None,
     if "[never]" in thp_mode:
         return None
     tunables = ":".join(t for t in (environ.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1") if t)
-    return dict(environ, GLIBC_TUNABLES=tunables)
+    return dict(environ, GLIBC_TUNABLES=tunables, **{RESTARTED: "1"})
 
 
 def restart_with_huge_pages() -> None:

@@ -14,7 +14,7 @@ MADVISE = "always [madvise] never\n"
 
 def test_huge_page_env_adds_the_tunable_and_keeps_the_others():
     env = huge_page_env({"PATH": "/bin"}, GLIBC, MADVISE)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": f"{TUNABLE}=1"}
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": f"{TUNABLE}=1", "JAXFT_HUGE_PAGES_RESTARTED": "1"}
     env = huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, MADVISE)
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}=1"
 
@@ -25,6 +25,7 @@ def test_huge_page_env_adds_the_tunable_and_keeps_the_others():
     ({}, ("", ""), MADVISE),                                    # musl or unknown libc
     ({}, ("glibc", "2.31"), MADVISE),                           # glibc without the tunable
     ({}, GLIBC, "always madvise [never]\n"),                    # the kernel gives no huge pages
+    ({"JAXFT_HUGE_PAGES_RESTARTED": "1"}, GLIBC, MADVISE),      # restarted already, but exec dropped the tunable
 ])
 def test_huge_page_env_leaves_the_process_alone(environ, libc, thp):
     assert huge_page_env(environ, libc, thp) is None
