@@ -1,7 +1,7 @@
 """DPO training end to end: a tiny random Llama with LoRA learns a preference it did not have (held-out
 rewards/accuracies, and greedy generations right for 7 of 8 prompts), without a second copy of the base; the
 objective composes with gradient accumulation and with exact resume (full fine-tuning, reference model held
-beside the state)."""
+beside the state); precomputed reference log-probs read back on resume are, per pair and side, a fresh pass's."""
 
 from __future__ import annotations
 
@@ -255,3 +255,51 @@ def test_precomputed_reference_equals_the_reference_in_the_step(tmp_path, capsys
         out[name] = json.loads(capsys.readouterr().out)["validation"]
     for k in keys:
         np.testing.assert_allclose(out["pre"][k], out["online"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_precomputed_reference_read_back_equals_a_fresh_reference_pass(tmp_path):
+    """`train.dpo.precompute_reference`: the reference log-probs a resumed run reads from RUN/reference_logps.npz
+    and attaches to its pairs are, pair by pair and side by side, those `reference_pass` computes afresh from
+    the base model (and those the first run computed and attached), for the train and the validation split.
+    A file read back with the sides swapped, or the pairs in another order, fails by far more than the bar."""
+    from jaxft.objectives.preference import REFERENCE_COLUMNS, reference_pass
+
+    base = save_base(tmp_path / "base")
+    train, heldout = preference_rows(tmp_path)
+    config = ROOT / "configs" / "dpo_chat_lora.yaml"
+    common = [f"model.name_or_path={base}", "model.dtype=float32", "model.lora.rank=null", f"data.train={train}",
+              f"data.validation={heldout}", "data.max_length=16", "train.batch_size=8", "train.steps=4",
+              "train.log_every=1", "train.eval_every=100", "train.dpo.precompute_reference=true",
+              f"output_dir={tmp_path / 'run'}"]
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logging.getLogger("jaxft").addHandler(handler)
+    attached = {}
+    try:
+        for run in ("first", "resumed"):   # the first computes and saves them, stops at step 2; the resumed reads them
+            cfg = load_config(config, [*common, *(["train.stop_at_step=2"] if run == "first" else [])])
+            with claim_run_dir(cfg):
+                trainer = Trainer(cfg)
+                attached[run] = {s: {k: np.array(b.per_example[k]) for k in REFERENCE_COLUMNS}
+                                 for s, b in trainer.task.splits.items()}
+                if run == "first":
+                    trainer.run()
+    finally:
+        logging.getLogger("jaxft").removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert sum("train pairs read from" in m for m in messages) == 1
+    assert sum("validation pairs read from" in m for m in messages) == 1
+    assert "resumed from step 2" in " ".join(messages)
+
+    fresh_fn = Functional(jaxft.load_model(base, task="causal-lm"))
+    assert set(attached["resumed"]) == {"train", "validation"}
+    for split, batches in trainer.task.splits.items():
+        chosen, rejected = reference_pass(fresh_fn, batches, split)
+        assert len(chosen) == len(batches.enc) > 0
+        assert np.mean(np.abs(chosen - rejected)) > 0.1   # the two sides differ: a swap would show
+        for run in ("first", "resumed"):
+            got = attached[run][split]
+            np.testing.assert_allclose(got["ref_chosen_logps"], chosen, rtol=1e-6, atol=1e-5, err_msg=f"{split} {run}")
+            np.testing.assert_allclose(got["ref_rejected_logps"], rejected, rtol=1e-6, atol=1e-5,
+                                       err_msg=f"{split} {run}")
