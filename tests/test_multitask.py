@@ -224,6 +224,15 @@ def test_multitask_run_metrics_early_stopping_and_per_task_export(mt_config, tmp
     assert evaluated["checkpoint_step"] == best["step"]
     for k in ("accuracy", "topic/accuracy", "senti/loss", "score/mse", "score/spearman"):
         assert evaluated["test"][k] == pytest.approx(summary["test"][k], abs=1e-6)
+    # the same tasks listed in another order would read other columns of the shared head: refused, exit 2
+    text = mt_config.read_text()
+    lines = text.splitlines()
+    i = next(j for j, x in enumerate(lines) if "name: topic" in x)
+    lines[i], lines[i + 1] = lines[i + 1], lines[i]
+    swapped = tmp_path / "swapped.yaml"
+    swapped.write_text("\n".join(lines) + "\n")
+    assert main(["eval", str(swapped), f"checkpoint={run_dir}"]) == 2
+    assert "tasks: are listed as senti, topic, score but" in capsys.readouterr().err
 
     out = tmp_path / "export"
     assert main(["export", str(run_dir), str(out)]) == 0, capsys.readouterr().err
@@ -267,6 +276,8 @@ def test_multitask_run_metrics_early_stopping_and_per_task_export(mt_config, tmp
     ("data: {train: x.tsv}", "data.train and tasks: both set"),
     ("sampling: {strategy: fixed}", "needs tasks[i].weight for every task (missing: ['a'])"),
     ("model: {name_or_path: m, task: causal-lm}", "trains sequence-classification heads"),
+    ("tasks: [{name: '..', train: a.tsv}]", "tasks: name '..' names a folder, not a task"),
+    ("tasks: [{name: '.', train: a.tsv}]", "tasks: name '.' names a folder, not a task"),
 ])
 def test_bad_task_configs_name_the_key(tmp_path, extra, message):
     import yaml

@@ -93,7 +93,7 @@ class TaskSpec(Section):
     """One task of a multi-task run (`tasks:`; `jaxft.objectives.multitask`): its data and its share of the shared head."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names the task's metrics (NAME/accuracy) and "
-                      "its export folder")
+                      "its export folder (so not . or ..)")
     train: str = Field(description="the task's train source (as data.train)")
     validation: str | None = None
     test: str | None = None
@@ -110,6 +110,12 @@ class TaskSpec(Section):
                                "eval metrics")
     weight: float | None = Field(None, gt=0, description="sampling.strategy=fixed: this task's share of the "
                                  "batches (normalised over the tasks)")
+
+    @model_validator(mode="after")
+    def _not_a_path(self):
+        if set(self.name) == {"."}:
+            raise ValueError(f"tasks: name {self.name!r} names a folder, not a task (export writes OUT_DIR/NAME)")
+        return self
 
 
 class SamplingSection(Section):

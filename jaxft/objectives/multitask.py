@@ -130,6 +130,12 @@ class MultiTaskObjective(Objective):
         self.loss_weights = [s.loss_weight for s in specs]
         self.kinds = {s.name: s.kind for s in specs}
         regression = [s.kind == "regression" for s in specs]
+        if saved and [n for n in sorted(saved, key=lambda n: saved[n]["offset"]) if n in self.names] != \
+                [n for n in self.names if n in saved]:
+            run_order = ", ".join(sorted(saved, key=lambda n: saved[n]["offset"]))
+            raise ValueError(f"tasks: are listed as {', '.join(self.names)} but {run_dir} trained them as "
+                             f"{run_order} ({TASKS_FILE}): the shared head's columns follow that order; list the "
+                             f"tasks in it")
         for spec in specs:
             if spec.name in saved and saved[spec.name]["kind"] != spec.kind:
                 raise ValueError(f"task {spec.name!r} is kind={spec.kind} in the config but was trained as "
