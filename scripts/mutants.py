@@ -118,6 +118,16 @@ BREAKS = [
           'values = saved[f"{split}/chosen"], saved[f"{split}/rejected"]',
           'values = saved[f"{split}/rejected"], saved[f"{split}/chosen"]',
           ("tests/test_dpo_train.py::test_precomputed_reference_read_back_equals_a_fresh_reference_pass",)),
+    Break("multitask: tasks in another order than the run's read other columns", "jaxft/objectives/multitask.py",
+          "        if saved and [n for n in sorted(saved, key=lambda n: saved[n][\"offset\"]) if n in self.names] != \\",
+          "        if False and [n for n in sorted(saved, key=lambda n: saved[n][\"offset\"]) if n in self.names] != \\",
+          ("tests/test_multitask.py::test_multitask_run_metrics_early_stopping_and_per_task_export",)),
+    Break("multitask: a task named .. accepted", "jaxft/config/data.py",
+          '        if set(self.name) == {"."}:', "        if False:",
+          ("tests/test_multitask.py::test_bad_task_configs_name_the_key",)),
+    Break("hostmem: the restarted process restarts again", "jaxft/hostmem.py",
+          " or \\\n            RESTARTED in environ:", ":",
+          ("tests/test_hostmem.py::test_huge_page_env_leaves_the_process_alone",)),
 ]
 
 
