@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxft.config import Config
 from jaxft.data.batches import Batches
-from jaxft.data.sft import SFTReport, _render, encode_chat, encode_prompt_completion
+from jaxft.data.sft import SFTReport, encode_chat_completion, encode_prompt_completion
 from jaxft.data.sources import DataError
 from jaxft.data.tokenize import Encoded
 
@@ -79,12 +79,7 @@ def encode_pair_side(tokenizer, prompt, response, template: str | None, field: s
     _check_messages(answer, field)
     if not any(m["role"] == "assistant" for m in answer):
         raise ValueError(f"{field} has no assistant turn")
-    ids, mask = encode_chat(tokenizer, turns + answer, template)
-    before = _render(tokenizer, turns, template or tokenizer.chat_template, add_generation_prompt=True)
-    if ids[:len(before)] != before:
-        raise DataError(f"{field}: the chat template renders the prompt with its generation prompt differently "
-                        f"inside the conversation, so the response tokens cannot be told apart")
-    return ids, [0] * len(before) + list(mask[len(before):])
+    return encode_chat_completion(tokenizer, turns, answer, template, field)
 
 
 def build_pairs(table: dict[str, list], tokenizer, d, split: str) -> tuple[Pairs, SFTReport]:

@@ -133,16 +133,17 @@ def encode_chat(tokenizer, messages: list[dict], template: str | None) -> tuple[
     return full, mask
 
 
-def encode_chat_completion(tokenizer, prompt: list[dict], completion: list[dict], template: str | None
-                           ) -> tuple[list[int], list[int]]:
-    """A conversational prompt–completion row: the whole conversation rendered, loss on the completion's
-    assistant tokens only (the prompt, with its generation prompt, must render as a prefix of the whole)."""
+def encode_chat_completion(tokenizer, prompt: list[dict], completion: list[dict], template: str | None,
+                           field: str = "completion") -> tuple[list[int], list[int]]:
+    """A conversational prompt–completion row (or one side of a preference pair): the whole conversation
+    rendered, loss on the completion's assistant tokens only (the prompt, with its generation prompt, must
+    render as a prefix of the whole, else the completion's tokens cannot be told apart)."""
     ids, mask = encode_chat(tokenizer, prompt + completion, template)
     before = _render(tokenizer, prompt, template or tokenizer.chat_template, add_generation_prompt=True)
     if ids[:len(before)] != before:
-        raise DataError("cannot locate the completion: the chat template does not render the prompt (with its "
-                        "generation prompt) as a prefix of the whole conversation")
-    return ids, [0] * len(before) + mask[len(before):]
+        raise DataError(f"{field}: the chat template renders the prompt with its generation prompt differently "
+                        f"inside the conversation, so the {field} tokens cannot be told apart")
+    return ids, [0] * len(before) + list(mask[len(before):])
 
 
 def _field(table: dict[str, list], column: str, r: int, split: str, messages_ok: bool = False):
