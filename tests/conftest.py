@@ -104,7 +104,7 @@ def pytest_collection_modifyitems(items):
 LONG_FILES_MINUTES = {"test_sst2_recipe.py": 9, "test_sst2_lora_recipe.py": 3.3, "test_lora_train.py": 4.6,
                       "test_lora.py": 3.8, "test_reliability.py": 3.8, "test_multihost.py": 3.6,
                       "test_lora_scanned.py": 3.5, "test_train_cli.py": 3.4, "test_mesh.py": 3.2,
-                      "test_blockwise.py": 3.1, "test_notebook.py": 2.9}
+                      "test_blockwise.py": 3.1, "test_notebook.py": 2.9, "test_grpo_train.py": 4.5}
 
 
 @pytest.fixture(scope="session", autouse=True)
