@@ -156,3 +156,119 @@ def test_qlora_quantises_deepseek_routed_experts(tmp_path):
     assert experts.gate_proj.quant is None and experts.gate_proj.kernel is not None
     jaxft.save_pretrained(model, tmp_path / "merged")
     assert max_diff(hf_logits(load_hf(tmp_path / "merged"), ids, mask), ours, mask) <= TOL
+
+
+def _trainer_model(src, kind: str, scan: bool = False):
+    """The model the trainer builds for a QLoRA run (`load_run_model` from a config with `model.quantize`):
+    the base quantised while loading, fresh adapters (B = 0) attached."""
+    from jaxft.config import load_config
+    from jaxft.train.model import load_run_model
+
+    cfg = load_config(base={"model": {"name_or_path": str(src), "task": "causal-lm", "quantize": kind,
+                                      "scan_layers": scan, "lora": {"rank": 4}}})
+    return load_run_model(cfg, src).model
+
+
+def _code_book_error(w: np.ndarray, einsum: str, kind: str) -> np.ndarray:
+    """The largest error each entry of the float kernel `w` may have once quantised, from `w` alone: int8
+    s/2 with s = max|w| over the dims that contract with the input / 127 (per output channel); nf4
+    absmax·max_gap/2 over blocks of (up to) 64 along the last axis."""
+    from jaxft.models.quant import NF4_MAX_GAP
+
+    lhs, rhs = einsum.split("->")[0].split(",")
+    if kind == "int8":
+        contracted = tuple(i - len(rhs) for i, c in enumerate(rhs) if c in lhs)
+        return np.broadcast_to(np.abs(w).max(contracted, keepdims=True) / 127 / 2, w.shape)
+    last = w.shape[-1]
+    b = max(n for n in range(1, min(64, last) + 1) if last % n == 0)
+    blocks = np.abs(w).reshape(w.shape[:-1] + (last // b, b))
+    return np.broadcast_to(blocks.max(-1, keepdims=True) * NF4_MAX_GAP / 2, blocks.shape).reshape(w.shape)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantised_logits_within_the_code_book_error_of_the_float_model(tmp_path, kind):
+    """The QLoRA base the trainer loads (`model.quantize`, the loader's `quantize_layer`) against the float
+    model from the same checkpoint (a tiny Llama, every weight random): every linear layer but the head is
+    held quantised; each dequantised kernel is within the code book's error of the float kernel, entry by
+    entry (the bound computed from the float kernel alone); the float model with its kernels replaced by
+    those dequantised values gives the quantised model's logits within 1e-5 (the forward uses them and
+    nothing else); and the float model's logits differ from the quantised ones by no more than the
+    first-order propagation of those errors, Σ |∂logit/∂W|·error bound over every quantised entry."""
+    from jaxft.lora import _module_at, quantizable
+    from jaxft.models.layers import Dense
+
+    src = save_hf("llama-bias", tmp_path / "base")
+    ids, mask = padded_batch(length=12)   # 3456 logits: one reverse pass each below
+    flt = jaxft.load_model(src, task="causal-lm")
+    quant = _trainer_model(src, kind)
+    dense = {".".join(map(str, p)): m for p, m in nnx.iter_modules(quant) if isinstance(m, Dense)}
+    assert len(dense) == 2 * 7 + 1 and dense["lm_head"].quant is None
+    held = {p for p, m in dense.items() if m.quant is not None and m.kernel is None}
+    assert held == set(dense) - {"lm_head"}
+    assert {f"{p}.kernel" for p in held} == set(quantizable(flt))
+
+    ours = np.asarray(forward(quant, ids, attention_mask=mask))
+    dequantised = nnx.clone(flt)
+    bound = {}
+    for p in sorted(held):
+        w = np.asarray(_module_at(flt, p).kernel[...])
+        deq = np.asarray(dense[p].quant.dequantize())
+        bound[p] = _code_book_error(w, dense[p].einsum, kind)
+        assert deq.shape == w.shape and (np.abs(deq - w) <= bound[p] * (1 + 1e-6)).all(), p
+        _module_at(dequantised, p).kernel.set_value(jnp.asarray(deq))
+    assert max_diff(forward(dequantised, ids, attention_mask=mask), ours, mask) <= 1e-5
+
+    # first-order propagation: |Δlogit| ≤ Σ_W Σ_ij |∂logit/∂W_ij|·bound_ij, one reverse pass per logit
+    graphdef, state = nnx.split(flt)
+    eps = {p: jnp.asarray(bound[p]) for p in held}
+
+    def logits_of(kernels):
+        model = nnx.merge(graphdef, state)
+        for p, w in kernels.items():
+            layer = _module_at(model, p)
+            layer.kernel = layer.kernel.replace(w)
+        return model(ids, attention_mask=mask)
+
+    out, vjp = jax.vjp(logits_of, {p: _module_at(flt, p).kernel[...] for p in held})
+    flt_logits = np.asarray(out)
+
+    def propagated(i):
+        g, = vjp(jax.nn.one_hot(i, out.size, dtype=out.dtype).reshape(out.shape))
+        return sum(jnp.sum(jnp.abs(g[p]) * eps[p]) for p in g)
+
+    first_order = np.asarray(jax.jit(lambda i: jax.lax.map(propagated, i, batch_size=512))(
+        jnp.arange(out.size))).reshape(out.shape)
+    real = mask.astype(bool)
+    gap = np.abs(flt_logits - ours)[real]
+    assert (gap <= first_order[real]).all(), (gap / first_order[real]).max()
+    assert gap.max() > 1e-3, "quantisation changed nothing: is the base really quantised?"
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["looped", "scanned"])
+def test_int8_scales_are_per_output_channel_through_the_loader(tmp_path, scan):
+    """int8 through the trainer's loader (`model.quantize: int8`): each kernel holds int8 codes of its own
+    shape and one scale per output channel (the kernel's dims that do not contract with the input; a
+    scanned stack's `layers` axis kept): `scale = max|W| over the contracted dims / 127` of the float
+    kernel, `codes = round(W / scale)`, for q/k/v (`[D, N, H]` → `[N, H]`), o (`[N, H, D]` → `[D]`) and the
+    MLP (`[D, F]` → `[F]`, `[F, D]` → `[D]`)."""
+    from jaxft.lora import _module_at
+
+    src = save_hf("llama-bias", tmp_path / "base")
+    flt = jaxft.load_model(src, task="causal-lm", scan_layers=scan)
+    quant = _trainer_model(src, "int8", scan)
+    lead = (2,) if scan else ()
+    want = {"self_attn.q_proj": (4, 8), "self_attn.k_proj": (2, 8), "self_attn.v_proj": (2, 8),
+            "self_attn.o_proj": (32,), "mlp.gate_proj": (48,), "mlp.up_proj": (48,), "mlp.down_proj": (32,)}
+    for layer in ["model.layers"] if scan else ["model.layers.0", "model.layers.1"]:
+        for name, scale_shape in want.items():
+            q = _module_at(quant, f"{layer}.{name}").quant
+            w = np.asarray(_module_at(flt, f"{layer}.{name}").kernel[...])
+            lhs, rhs = _module_at(flt, f"{layer}.{name}").einsum.split("->")[0].split(",")
+            contracted = tuple(i - len(rhs) for i, c in enumerate(rhs) if c in lhs)   # from the end
+            codes, scale = np.asarray(q.codes[...]), np.asarray(q.scale[...])
+            assert codes.dtype == np.int8 and codes.shape == w.shape, name
+            assert scale.shape == lead + scale_shape, (name, scale.shape)
+            s = np.abs(w).max(contracted, keepdims=True) / 127
+            np.testing.assert_allclose(scale, np.squeeze(s, contracted), rtol=1e-6, err_msg=name)
+            assert np.abs(codes - np.round(w / s)).max() <= 1, name   # ±1 only at a rounding tie
+            assert (np.abs(codes.astype(np.float32) * s - w) <= s / 2 * (1 + 1e-5)).all(), name
