@@ -190,3 +190,44 @@ def test_adapter_backward_equals_autodiff(einsum, kernel):
     np.testing.assert_allclose(ours(x, a, b), plain(x, a, b), rtol=1e-5)
     for g_ours, g_plain in zip(jax.grad(ours, (0, 1, 2))(x, a, b), jax.grad(plain, (0, 1, 2))(x, a, b)):
         np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_plain), rtol=1e-5, atol=1e-5)
+
+
+def test_lm_head_adapter_is_not_fused_into_the_loss(tmp_path):
+    """`model.lora.targets` naming `lm_head`: the head is then no longer one matrix (`head_matrix()` None),
+    so the training loss does not take the fused head + cross-entropy path (which reads the base kernel
+    alone): the loss and the gradients of every adapter (the head's included) equal plain autodiff of the
+    next-token CE of the model's logits, in one chunk and in chunks of 16 tokens."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxft.train.losses import make_causal_lm_loss
+    from jaxft.train.step import Functional
+
+    src = save_hf("llama-bias", tmp_path / "base")
+    model = jaxft.load_model(src, task="causal-lm")
+    assert model.head_matrix() is not None   # untied, no bias: fused while it has no adapter
+    adapters = apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets="q_proj|lm_head"))
+    assert "lm_head" in [n for t in adapters.targets for n in t.hf_names] and model.lm_head.lora is not None
+    randomise_adapters(model)
+    assert model.head_matrix() is None
+    fn = Functional(model, adapters.trainable)
+    assert {"lm_head.lora.a", "lm_head.lora.b"} <= set(fn.params)
+    ids, mask = padded_batch()
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(mask),
+             "weights": jnp.ones((3,), jnp.float32)}
+
+    def plain(params):
+        logits = fn.module(params)(batch["input_ids"], attention_mask=batch["attention_mask"])
+        w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]) * w)
+
+    want, want_grads = jax.jit(jax.value_and_grad(plain))(fn.params)
+    for chunk in (0, 16):
+        loss_fn = make_causal_lm_loss(chunk_tokens=chunk)
+        got, grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(fn.module(p), batch, None)[0]))(fn.params)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+        for k in want_grads:
+            np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(want_grads[k]), rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{k} (chunk_tokens={chunk})")
+        assert np.abs(np.asarray(grads["lm_head.lora.b"])).max() > 1e-3
