@@ -247,13 +247,44 @@ def test_packed_equals_unpacked(tmp_path):
 
 
 def test_mtp_layers_in_checkpoint_are_ignored(tmp_path):
-    """DeepSeek-V3 checkpoints carry their multi-token-prediction layer after the last one; like
-    transformers, jaxft skips it."""
-    folder = save_hf("v3", tmp_path / "hf")
+    """DeepSeek-V3 checkpoints carry their multi-token-prediction module (`num_nextn_predict_layers`) as a
+    layer after the last one: a whole decoder layer (attention, routed and shared experts, norms) plus its
+    own embedding, norms, `eh_proj` and head. Like transformers, jaxft skips every tensor of it: looped
+    and scanned, the model loaded from the checkpoint with the MTP layer holds exactly the parameters of
+    the one without it (the three decoder layers, nothing of layer 3), and its logits equal
+    transformers'."""
+    ref = build_hf("v3")
+    assert ref.config.num_nextn_predict_layers == 1 and ref.config.num_hidden_layers == 3
+    folder = tmp_path / "hf"
+    ref.save_pretrained(folder)
+    ids, mask = padded_batch()
+    want = hf_logits(ref, ids, mask)
+    plain = {scan: jaxft.load_model(folder, task="causal-lm", scan_layers=scan) for scan in (False, True)}
+
     tensors = load_file(str(folder / "model.safetensors"))
-    tensors["model.layers.3.eh_proj.weight"] = np.zeros((32, 64), np.float32)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    jaxft.load_model(folder, task="causal-lm")
+    rng = np.random.RandomState(0)
+    mtp = {name.replace("model.layers.2.", "model.layers.3."): rng.standard_normal(v.shape).astype(v.dtype)
+           for name, v in tensors.items() if name.startswith("model.layers.2.")}
+    assert "model.layers.3.mlp.experts.7.down_proj.weight" in mtp and "model.layers.3.self_attn.q_a_proj.weight" in mtp
+    for name, shape in {"enorm.weight": (32,), "hnorm.weight": (32,), "eh_proj.weight": (32, 64),
+                        "embed_tokens.weight": (VOCAB, 32), "shared_head.norm.weight": (32,),
+                        "shared_head.head.weight": (VOCAB, 32)}.items():
+        mtp[f"model.layers.3.{name}"] = rng.standard_normal(shape).astype(np.float32)
+    save_file({**tensors, **mtp}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    for scan in (False, True):
+        model = jaxft.load_model(folder, task="causal-lm", scan_layers=scan)
+        got = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Variable))}
+        base = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(plain[scan], nnx.Variable))}
+        assert sorted(got) == sorted(base), scan
+        assert all(np.array_equal(got[k], base[k]) for k in base), scan
+        if scan:
+            assert model.model.dense_layers.mlp.gate_proj.kernel.shape[0] == 1
+            assert model.model.layers.mlp.experts.gate_proj.kernel.shape[:2] == (2, 8)
+        else:
+            assert len(model.model.layers) == 3
+        d = max_diff(forward(model, ids, attention_mask=mask), want, mask)
+        assert d <= TOL, (scan, d)
 
 
 @pytest.mark.parametrize("variant,field,value,named", [
