@@ -146,6 +146,14 @@ BREAKS = [
           'rf"model\\.layers\\.{cfg.num_hidden_layers + j}\\..*"',
           'rf"model\\.layers\\.{cfg.num_hidden_layers + j}\\.(eh_proj|enorm|hnorm|embed_tokens|shared_head)\\..*"',
           ("tests/test_deepseek_parity.py::test_mtp_layers_in_checkpoint_are_ignored",)),
+    Break("lora parity: qwen3's q/k norm skipped", "jaxft/models/llama.py",
+          "q, k = self.q_norm(q), self.k_norm(k)", "q, k = q, k",
+          ("tests/test_lora.py::test_causal_lm_lora_looped[qwen3-qk-norm]",
+           "tests/test_lora_scanned.py::test_causal_lm_lora_scanned[qwen3-qk-norm]")),
+    Break("lora parity: mistral without its sliding window", "jaxft/models/llama.py",
+          "sliding = (window is not None,) * L", "sliding = (False,) * L",
+          ("tests/test_lora.py::test_causal_lm_lora_looped[mistral-sliding]",
+           "tests/test_lora_scanned.py::test_causal_lm_lora_scanned[mistral-sliding]")),
 ]
 
 

@@ -27,7 +27,8 @@ from conftest import forward
 
 TOL = 1e-4
 
-CAUSAL = ["llama-bias", "qwen2-bias-sliding", "gpt2", "deepseek-v2-lite", "deepseek-v3"]
+CAUSAL = ["llama-bias", "mistral-sliding", "qwen2-bias-sliding", "qwen3-qk-norm", "gpt2", "deepseek-v2-lite",
+          "deepseek-v3"]
 
 
 def _save(variant: str, folder: Path) -> Path:
