@@ -193,7 +193,8 @@ def rollout_program(fn, max_new_tokens: int, temperature: float = 1.0, top_p: fl
     argument, its frozen ones closed in through `fn.frozen` at each call), traced with the mesh active so the
     KV cache and activations take the training shardings. `temperature` 0 is greedy. Rows are left-padded
     (`prompt_mask` 0 on the left); a row that has emitted an eos id is filled with `pad`. One compiled program
-    per prompt shape `[B, P]`: bucket prompt lengths to keep that a handful."""
+    per prompt shape `[B, P]`: bucket prompt lengths to keep that a handful. On a mesh the tokens come back
+    replicated, so every process reads every row (rewards are scored on the host)."""
     from jaxft import parallel
     from jaxft.compilation import jit_options
 
@@ -209,7 +210,8 @@ def rollout_program(fn, max_new_tokens: int, temperature: float = 1.0, top_p: fl
             out, _ = _decode_on(model, cache, token, positions[:, -1], key, temperature, top_p, eos, pad, **flags)
             return out
 
-    jitted = jax.jit(rollout, **jit_options())
+    out = {} if fn.mesh is None else {"out_shardings": parallel.replicated(fn.mesh)}
+    jitted = jax.jit(rollout, **out, **jit_options())
 
     def run(params, ids, mask, key, eos, pad):
         return jitted(params, fn.frozen, ids, mask, key, jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad))

@@ -147,7 +147,8 @@ def test_grpo_on_a_mesh_equals_one_device(tmp_path):
         args = json.dumps(common + mesh + [f"output_dir={tmp_path / name}"])
         subprocess.run([sys.executable, "-c", MESH_RUN, str(tmp_path), args], check=True, env=xla_env(devices),
                        timeout=900, cwd=tmp_path)
-    assert "'fsdp': 4, 'tensor': 2" in (tmp_path / "mesh" / "train.log").read_text()
+    mesh_line = next(x for x in (tmp_path / "mesh" / "train.log").read_text().splitlines() if " mesh {" in x)
+    assert "'fsdp': 4" in mesh_line and "'tensor': 2" in mesh_line, mesh_line
     one, many = rows_of(tmp_path / "one", "train"), rows_of(tmp_path / "mesh", "train")
     assert len(one) == len(many) == 4
     for k in ("loss", "reward", "kl", "grad_norm"):

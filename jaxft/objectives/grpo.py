@@ -163,15 +163,10 @@ class GRPOObjective(Objective):
         return self.programs[key]
 
     def _sample(self, fn, params, prompts: dict, key, greedy: bool) -> np.ndarray:
-        run = self.program(fn, greedy)
         arrays = {"ids": prompts["prompt_ids"], "mask": prompts["prompt_mask"]}
         if fn.mesh is not None:
-            arrays = to_device(arrays, fn.mesh)
-            tokens = run(params, arrays["ids"], arrays["mask"], key, self.eos, self.pad)
-            tokens = jax.jit(lambda x: x, out_shardings=parallel.replicated(fn.mesh))(tokens)  # every process
-        else:
-            tokens = run(params, arrays["ids"], arrays["mask"], key, self.eos, self.pad)
-        return np.asarray(tokens)
+            arrays = to_device(arrays, fn.mesh)   # rows split over the data-parallel devices
+        return np.asarray(self.program(fn, greedy)(params, arrays["ids"], arrays["mask"], key, self.eos, self.pad))
 
     def _score(self, source, idx: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> tuple:
         """`(per-reward [N, R], prompts, texts)` of completions `tokens` of the prompt rows `idx` of `source`."""
