@@ -256,3 +256,28 @@ def test_a_split_that_ends_up_empty_is_an_error(tmp_path):
     cfg = load_config(None, ["model.name_or_path=x", f"data.train={path}", f"data.cache_dir={tmp_path / 'c'}"])
     with pytest.raises(DataError, match="has no usable rows after cleaning"):
         build_classification_data(cfg, CharTokenizer())
+
+
+def test_an_unreadable_tokenization_cache_entry_is_made_again(tmp_path, caplog):
+    """A cut or empty cache file is a warning and a fresh tokenization (the same ids), never a traceback."""
+    from jaxft.data.tokenize import encode
+    from sft_helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    texts = ["map w1", "hello world please", "w3 w4"]
+    first = encode(tok, texts, None, 16, tmp_path)
+    (entry,) = tmp_path.glob("*.npz")
+    import logging
+
+    logging.getLogger("jaxft").addHandler(caplog.handler)   # the jaxft logger may not propagate
+    for damage in (lambda p: p.write_bytes(p.read_bytes()[:40]), lambda p: p.write_bytes(b"")):
+        damage(entry)
+        try:
+            again = encode(tok, texts, None, 16, tmp_path)
+        finally:
+            logging.getLogger("jaxft").removeHandler(caplog.handler)
+            logging.getLogger("jaxft").addHandler(caplog.handler)
+        assert "is unreadable" in caplog.text
+        assert np.array_equal(again.ids, first.ids) and np.array_equal(again.offsets, first.offsets)
+        caplog.clear()
+    logging.getLogger("jaxft").removeHandler(caplog.handler)

@@ -277,7 +277,12 @@ def test_precomputed_reference_read_back_equals_a_fresh_reference_pass(tmp_path)
     logging.getLogger("jaxft").addHandler(handler)
     attached = {}
     try:
-        for run in ("first", "resumed"):   # the first computes and saves them, stops at step 2; the resumed reads them
+        # the first computes and saves them, stops at step 2; the resumed reads them; then, with the file cut in
+        # half (a crash while another tool copied it, say), they are computed again with a warning, no traceback
+        for run in ("first", "resumed", "cut"):
+            if run == "cut":
+                path = tmp_path / "run" / "reference_logps.npz"
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             cfg = load_config(config, [*common, *(["train.stop_at_step=2"] if run == "first" else [])])
             with claim_run_dir(cfg):
                 trainer = Trainer(cfg)
@@ -291,6 +296,7 @@ def test_precomputed_reference_read_back_equals_a_fresh_reference_pass(tmp_path)
     assert sum("train pairs read from" in m for m in messages) == 1
     assert sum("validation pairs read from" in m for m in messages) == 1
     assert "resumed from step 2" in " ".join(messages)
+    assert sum("reference_logps.npz is unreadable" in m for m in messages) == 1
 
     fresh_fn = Functional(jaxft.load_model(base, task="causal-lm"))
     assert set(attached["resumed"]) == {"train", "validation"}
@@ -298,7 +304,7 @@ def test_precomputed_reference_read_back_equals_a_fresh_reference_pass(tmp_path)
         chosen, rejected = reference_pass(fresh_fn, batches, split)
         assert len(chosen) == len(batches.enc) > 0
         assert np.mean(np.abs(chosen - rejected)) > 0.1   # the two sides differ: a swap would show
-        for run in ("first", "resumed"):
+        for run in ("first", "resumed", "cut"):
             got = attached[run][split]
             np.testing.assert_allclose(got["ref_chosen_logps"], chosen, rtol=1e-6, atol=1e-5, err_msg=f"{split} {run}")
             np.testing.assert_allclose(got["ref_rejected_logps"], rejected, rtol=1e-6, atol=1e-5,

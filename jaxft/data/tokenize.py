@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+log = logging.getLogger("jaxft")
 
 
 @dataclass
@@ -75,8 +78,15 @@ def cache_dir(configured: str | None) -> Path:
 
 
 def _fingerprint(tokenizer) -> str:
+    """A digest of what the tokenizer does. The fast tokenizer's serialisation also records the truncation and
+    padding its last call set, which `encode` itself changes, so those are left out: the same tokenizer gives
+    the same key before and after a call."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        body = json.dumps(state, sort_keys=True)
+    else:
+        body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -90,7 +100,11 @@ def encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int
         h.update(t.encode() + b"\0" + (pairs[i].encode() if pairs is not None else b"") + b"\1")
     path = cache / f"{h.hexdigest()[:32]}.npz" if cache is not None else None
     if path is not None and path.exists():
-        return Encoded.load(path)
+        try:
+            return Encoded.load(path)
+        except Exception as e:  # noqa: BLE001 - a cut, empty or foreign file: a cache entry, made again
+            log.warning("tokenization cache entry %s is unreadable (%s: %s): tokenizing again", path,
+                        type(e).__name__, e)
 
     rows: dict[str, list] = {"input_ids": [], "token_type_ids": []}
     for start in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", leave=False,

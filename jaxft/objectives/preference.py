@@ -220,7 +220,14 @@ class PreferenceObjective(Objective):
         its fingerprint matches the split's tokens, else computed by `reference_pass` (and, in a training run,
         saved there by process 0)."""
         path = self.run_dir / REFERENCE_FILE
-        saved = dict(np.load(path)) if path.exists() else {}
+        saved = {}
+        if path.exists():
+            try:
+                with np.load(path) as z:
+                    saved = {k: z[k] for k in z.files}
+            except Exception as e:  # noqa: BLE001 - cut, empty or not an npz: computed again, then rewritten
+                log.warning("%s is unreadable (%s: %s): computing the reference log-probs again", path,
+                            type(e).__name__, e)
         fn, computed = None, False
         for split, batches in self.splits.items():
             digest = pairs_fingerprint(batches)
