@@ -565,3 +565,15 @@ def test_metrics_line_is_repaired_only_when_cut(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2, "lo')
     repair_last_line(path)
     assert path.read_text() == '{"step": 1}\n'
+
+
+def test_the_runs_own_export_folder_is_accepted(w, tmp_path):
+    """RUN/export, the run directory's place for exports, is not "inside the run": it is accepted (and
+    replaced as a whole on --overwrite), while every other folder inside the run is refused."""
+    run = tmp_path / "run"
+    shutil.copytree(w.run, run)
+    assert cli(["export", run, run / "export"]) == 0
+    assert (run / "export" / "config.json").exists()
+    assert cli(["export", run, run / "export", "--overwrite"]) == 0
+    assert cli(["export", run, run / "tokenizer", "--overwrite"]) == 2
+

@@ -203,8 +203,9 @@ def check_export_target(out: str | os.PathLike, overwrite: bool, keep: tuple = (
     or a folder holding links (a Hugging Face cache snapshot links into shared blobs), a non-empty folder
     without `overwrite`, a folder that is or holds one of `keep` (the run being exported, its base model),
     and a folder that is, lies inside or holds a jaxft run directory (`is_run_dir`: `RUN/checkpoints` would
-    be replaced by the export). An accepted target is replaced as a whole (`jaxft.hf.files.staged_folder`),
-    never written into."""
+    be replaced by the export), except the run's own export folder `RUN/export` (and folders under it), where
+    the run-directory layout puts exports. An accepted target is replaced as a whole
+    (`jaxft.hf.files.staged_folder`), never written into."""
     out = Path(out)
     if out.is_symlink():
         raise ValueError(f"export target {out} is a symbolic link (to {os.readlink(out)}); jaxft never writes "
@@ -221,11 +222,13 @@ def check_export_target(out: str | os.PathLike, overwrite: bool, keep: tuple = (
                              f"folder (e.g. {_sibling(path)})")
     spelled, real = Path(os.path.abspath(out)), out.resolve()  # as given (`..` folded), and through links
     run = next((d for t in (spelled, real) for d in (t, *t.parents) if is_run_dir(d)), None)
+    if run is not None and any(t.is_relative_to(run / EXPORT_FOLDER) for t in (spelled, real)):
+        run = None   # RUN/export: the run directory's own place for exports
     if run is not None:
         where = "is the jaxft run directory" if run in (spelled, real) else "lies inside the jaxft run directory"
         raise ValueError(f"export target {out} {where} {run} (it holds config.yaml and checkpoints/): the export "
-                         f"replaces its target as a whole and would destroy the run's files; export to a folder "
-                         f"outside the run (e.g. {_sibling(run)})")
+                         f"replaces its target as a whole and would destroy the run's files; export to "
+                         f"{run / EXPORT_FOLDER} or to a folder outside the run (e.g. {_sibling(run)})")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
@@ -240,6 +243,9 @@ def check_export_target(out: str | os.PathLike, overwrite: bool, keep: tuple = (
     if held is not None:
         raise ValueError(f"export target {out} holds the jaxft run directory {held} (config.yaml and checkpoints/): "
                          f"replacing {out} would delete that run; export to another folder")
+
+
+EXPORT_FOLDER = "export"   # RUN/export: where a run directory holds its exports (DESIGN: the run directory)
 
 
 def _sibling(path) -> Path:
